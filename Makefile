@@ -1,0 +1,51 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set everything up themselves.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+EXTRAS ?= server,pipeline,dev,cpu
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma  := ,
+
+export EMBEDKOMB_DATA_DIR ?= $(abspath ../shared/data)
+export DAGSTER_HOME ?= $(abspath .dagster_home)
+
+.PHONY: install demo test ui lint bench-mining postgres clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch goes in first, pinned to the local CPU build; the constraints file keeps every later resolve on it.
+$(STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(STAMP)
+
+postgres:
+	@bash scripts/ensure-postgres.sh
+
+demo: $(STAMP) postgres
+	@mkdir -p $(DAGSTER_HOME)
+	$(PY) -m embedkomb_pipeline.demo
+
+test: $(STAMP) postgres
+	@mkdir -p $(DAGSTER_HOME)
+	$(PY) -m pytest
+
+ui: $(STAMP) postgres
+	@mkdir -p $(DAGSTER_HOME)
+	cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml 2>/dev/null || true
+	$(VENV)/bin/dagster dev -w workspace.yaml
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench-mining: $(STAMP)
+	$(PY) bench/mining.py
+
+clean:
+	rm -rf $(VENV) .dagster_home build *.egg-info

@@ -1,0 +1,1 @@
+"""embedkomb_pipeline."""

@@ -1,0 +1,1 @@
+"""kombinat_api."""

@@ -1,1 +1,3 @@
-"""kombinat_api."""
+"""kombinat: the coordination server of Embed Kombinat (FastAPI + PostgreSQL)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,142 @@
+"""Tokens and the FastAPI dependencies that say who is calling.
+
+kombinat's tokens are random strings shown once; only their SHA-256 is stored, so a database leak does not
+leak credentials. Resolving a token and counting it against its per-minute rate limit is one UPDATE on the
+token row: the counter lives in PostgreSQL, so the limit holds across any number of API replicas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from fastapi import Depends, HTTPException, Request, status
+from sqlalchemy import Connection
+
+TOKEN_PREFIX = "kmb_"
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    contributor_id: int
+    login: str
+    is_admin: bool
+    trusted: bool
+    good_standing: bool
+    token_hash: str
+
+
+RESOLVE_SQL = """
+UPDATE api_token t SET
+    rl_count = CASE WHEN t.rl_window = w.w THEN t.rl_count + 1 ELSE 1 END,
+    rl_window = w.w,
+    last_used_at = now()
+FROM contributor c, (SELECT floor(extract(epoch FROM now()) / 60)::bigint AS w) w,
+     -- a lost counter increment after a crash is harmless, so this commit need not wait for the WAL flush
+     (SELECT set_config('synchronous_commit', 'off', true)) s
+WHERE t.token_hash = %(h)s AND t.revoked_at IS NULL AND c.id = t.contributor_id
+RETURNING c.id, c.login, t.is_admin, c.trusted, c.good_standing, c.banned, t.rl_count,
+          60 - floor(extract(epoch FROM now()))::bigint %% 60 AS retry_after
+"""
+
+BUCKET_SQL = """
+INSERT INTO rate_bucket AS r (key, "window", count)
+VALUES (%(key)s, floor(extract(epoch FROM now()) / 60)::bigint, 1)
+ON CONFLICT (key) DO UPDATE SET
+    count = CASE WHEN r."window" = excluded."window" THEN r.count + 1 ELSE 1 END,
+    "window" = excluded."window"
+RETURNING count, 60 - floor(extract(epoch FROM now()))::bigint %% 60
+"""
+
+
+def unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization")
+    if not header:
+        raise unauthorized(
+            "Missing credentials: send 'Authorization: Bearer <token>' (contributors get a token by "
+            "signing in with GitHub through /api/v1/auth/device/start)."
+        )
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise unauthorized("Malformed Authorization header: expected 'Bearer <token>'.")
+    return token.strip()
+
+
+def resolve(conn: Connection, token: str, contributor_limit: int, admin_limit: int) -> Principal:
+    row = conn.exec_driver_sql(RESOLVE_SQL, {"h": hash_token(token)}).one_or_none()
+    if row is None:
+        raise unauthorized("Invalid or revoked token: sign in again to get a new one.")
+    cid, login, is_admin, trusted, good, banned, count, retry_after = row
+    if banned:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="This contributor account is banned.")
+    limit = admin_limit if is_admin else contributor_limit
+    if count > limit:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"Rate limit exceeded: at most {limit} requests per minute per token; retry in "
+            f"{int(retry_after)} s.",
+            headers={"Retry-After": str(int(retry_after))},
+        )
+    return Principal(cid, login, bool(is_admin), bool(trusted), bool(good), hash_token(token))
+
+
+def rate_limit_key(conn: Connection, key: str, limit: int) -> None:
+    count, retry_after = conn.exec_driver_sql(BUCKET_SQL, {"key": key}).one()
+    if count > limit:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"Rate limit exceeded: at most {limit} sign-in requests per minute from one address; "
+            f"retry in {int(retry_after)} s.",
+            headers={"Retry-After": str(int(retry_after))},
+        )
+
+
+def current_principal(request: Request) -> Principal:
+    state = request.app.state
+    token = bearer_token(request)
+    with state.engine.begin() as conn:
+        return resolve(
+            conn, token, state.settings.rate_limit_per_minute, state.settings.admin_rate_limit_per_minute
+        )
+
+
+def require_admin(principal: Principal = Depends(current_principal)) -> Principal:
+    if not principal.is_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="This endpoint needs an admin token.")
+    return principal
+
+
+def issue_token(conn: Connection, contributor_id: int, is_admin: bool, name: str) -> str:
+    token = new_token()
+    conn.exec_driver_sql(
+        "INSERT INTO api_token (token_hash, contributor_id, is_admin, name)"
+        " VALUES (%(h)s, %(c)s, %(a)s, %(n)s)",
+        {"h": hash_token(token), "c": contributor_id, "a": is_admin, "n": name},
+    )
+    return token
+
+
+def create_admin_token(conn: Connection, name: str) -> str:
+    """An admin principal is a contributor row without a GitHub account; its token carries the admin bit."""
+    login = f"admin:{name}"
+    row = conn.exec_driver_sql(
+        "SELECT id FROM contributor WHERE login = %(l)s AND is_admin", {"l": login}
+    ).first()
+    if row is None:
+        row = conn.exec_driver_sql(
+            "INSERT INTO contributor (login, is_admin) VALUES (%(l)s, true) RETURNING id", {"l": login}
+        ).one()
+    return issue_token(conn, row[0], True, name)

@@ -1,0 +1,211 @@
+"""The ``kombinat`` command: serve, migrate, create-admin-token, load-honeypots, stats."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kombinat_api.settings import Settings
+
+app = typer.Typer(help="kombinat: the Embed Kombinat coordination server.", no_args_is_help=True)
+
+# Honeypot pair IDs are derived like every other pair ID (uuid5 of the query text, the document id and the
+# source), so an ID never tells a honeypot from an ordinary pair.
+HONEYPOT_NAMESPACE = uuid.UUID("6f0c1d2e-5b7a-4c1e-9d3f-8a2b4c6d8e10")
+
+DbOption = Annotated[str | None, typer.Option("--database-url", help="Overrides KOMBINAT_DATABASE_URL.")]
+
+
+def _settings(database_url: str | None) -> Settings:
+    settings = Settings()
+    if database_url:
+        settings = settings.model_copy(update={"database_url": database_url})
+    return settings
+
+
+@app.command()
+def migrate(database_url: DbOption = None, revision: str = "head") -> None:
+    """Create or upgrade the schema (the only way kombinat's tables are made)."""
+    from kombinat_api.db import migrate as run
+
+    settings = _settings(database_url)
+    run(settings.database_url, revision)
+    typer.echo(f"database migrated to {revision}")
+
+
+@app.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    database_url: DbOption = None,
+    migrate_first: Annotated[
+        bool, typer.Option("--migrate/--no-migrate", help="Run migrations first.")
+    ] = False,
+    log_level: str = "info",
+) -> None:
+    """Run the API with uvicorn (several workers share nothing but PostgreSQL)."""
+    import os
+
+    import uvicorn
+
+    if database_url:
+        # Worker processes build their own Settings from the environment.
+        os.environ["KOMBINAT_DATABASE_URL"] = database_url
+    if migrate_first:
+        from kombinat_api.db import migrate as run
+
+        run(_settings(database_url).database_url)
+    uvicorn.run(
+        "kombinat_api.asgi:app",
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        access_log=False,
+        proxy_headers=True,
+    )
+
+
+@app.command("create-admin-token")
+def create_admin_token(
+    name: Annotated[str, typer.Option(help="What the token is for, e.g. 'pipeline'.")] = "pipeline",
+    database_url: DbOption = None,
+) -> None:
+    """Print a new admin token (shown once; only its hash is stored)."""
+    from kombinat_api.auth import create_admin_token as create
+    from kombinat_api.db import make_engine
+
+    engine = make_engine(_settings(database_url).database_url, 1, 0)
+    try:
+        with engine.begin() as conn:
+            token = create(conn, name)
+    finally:
+        engine.dispose()
+    typer.echo(token)
+
+
+def _read_jsonl(path: Path) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    with path.open() as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                out[str(row["_id"])] = row
+    return out
+
+
+def beir_honeypots(
+    folder: Path, split: str, negatives_per_positive: float, seed: int
+) -> list[dict[str, Any]]:
+    """Gold pairs from a BEIR-format folder: judged-relevant (query, document) pairs, plus random documents
+    as non-relevant ones so that a contributor answering 'yes' to everything fails the honeypots."""
+    corpus = _read_jsonl(folder / "corpus.jsonl")
+    queries = _read_jsonl(folder / "queries.jsonl")
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    positives: dict[str, dict[str, int]] = {}
+    with qrels_path.open() as f:
+        for i, line in enumerate(f):
+            parts = line.rstrip("\n").split("\t")
+            if i == 0 and not parts[-1].lstrip("-").isdigit():
+                continue
+            qid, did, score = parts[0], parts[1], int(parts[2])
+            positives.setdefault(qid, {})[did] = score
+    rng = random.Random(seed)
+    doc_ids = list(corpus)
+    source = folder.name
+    out: list[dict[str, Any]] = []
+
+    def text_of(doc: dict[str, Any]) -> str:
+        title = doc.get("title") or ""
+        return f"{title}\n{doc.get('text', '')}".strip()
+
+    for qid, judged in sorted(positives.items()):
+        if qid not in queries:
+            continue
+        query = queries[qid]["text"]
+        for did, grade in sorted(judged.items()):
+            if did not in corpus:
+                continue
+            relevant = grade > 0
+            out.append(_gold(query, did, text_of(corpus[did]), relevant, grade, source))
+        n_neg = int(negatives_per_positive * len(judged) + rng.random())
+        for _ in range(n_neg):
+            did = rng.choice(doc_ids)
+            if did in judged:
+                continue
+            out.append(_gold(query, did, text_of(corpus[did]), False, 0, source))
+    return out
+
+
+def _gold(query: str, doc_id: str, document: str, relevant: bool, grade: int, source: str) -> dict[str, Any]:
+    return {
+        "pair_id": uuid.uuid5(HONEYPOT_NAMESPACE, query + doc_id + source),
+        "query": query,
+        "document": document,
+        "relevant": relevant,
+        "grade": max(0, min(3, grade)),
+        "source": source,
+    }
+
+
+@app.command("load-honeypots")
+def load_honeypots(
+    folder: Annotated[Path, typer.Argument(help="BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/).")],
+    split: str = "test",
+    negatives_per_positive: float = 1.0,
+    limit: int = 0,
+    seed: int = 0,
+    database_url: DbOption = None,
+) -> None:
+    """Load gold pairs from human relevance judgments as honeypots."""
+    from kombinat_api import queue
+    from kombinat_api.db import make_engine
+
+    honeypots = beir_honeypots(folder, split, negatives_per_positive, seed)
+    if limit:
+        random.Random(seed).shuffle(honeypots)
+        honeypots = honeypots[:limit]
+    engine = make_engine(_settings(database_url).database_url, 1, 0)
+    try:
+        with engine.begin() as conn:
+            inserted = queue.enqueue_honeypots(conn, honeypots)
+    finally:
+        engine.dispose()
+    n_rel = sum(h["relevant"] for h in honeypots)
+    typer.echo(
+        f"{inserted} honeypots inserted, {len(honeypots) - inserted} already present "
+        f"({n_rel} relevant, {len(honeypots) - n_rel} non-relevant, source {folder.name})"
+    )
+
+
+@app.command()
+def stats(database_url: DbOption = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Print queue and label counts per split and cycle."""
+    from kombinat_api.db import make_engine
+    from kombinat_api.routes.public import SPLITS_SQL
+
+    engine = make_engine(_settings(database_url).database_url, 1, 0)
+    try:
+        with engine.connect() as conn:
+            rows = [dict(r) for r in conn.exec_driver_sql(SPLITS_SQL).mappings()]
+            labels = conn.exec_driver_sql("SELECT count(*) FROM label").scalar_one()
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps({"splits": rows, "labels_total": labels}, default=str))
+        return
+    cols = ["split", "cycle", "pairs", "queued", "leased", "labeled", "verified", "disputed", "escalated"]
+    typer.echo("  ".join(f"{c:>10}" for c in cols))
+    for r in rows:
+        typer.echo("  ".join(f"{r[c]!s:>10}" for c in cols))
+    typer.echo(f"labels stored: {labels}")
+
+
+if __name__ == "__main__":
+    app()

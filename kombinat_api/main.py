@@ -1,0 +1,43 @@
+"""The kombinat FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from kombinat_api import __version__
+from kombinat_api.db import make_engine
+from kombinat_api.limits import BodySizeLimit
+from kombinat_api.routes import admin, auth, models, public, work
+from kombinat_api.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Each worker process owns one pool; nothing else lives in process memory that another replica
+        # would need (leases, rate limits, tokens are all rows in PostgreSQL).
+        engine = make_engine(settings.database_url, settings.db_pool_size, settings.db_max_overflow)
+        app.state.engine = engine
+        try:
+            yield
+        finally:
+            engine.dispose()
+
+    app = FastAPI(
+        title="kombinat",
+        version=__version__,
+        description="Coordination server of Embed Kombinat: work queue, label intake, trust, statistics.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(
+        BodySizeLimit, default_limit=settings.max_body_bytes, admin_limit=settings.max_admin_body_bytes
+    )
+    for module in (auth, models, work, admin, public):
+        app.include_router(module.router)
+    return app

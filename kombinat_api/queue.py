@@ -1,0 +1,517 @@
+"""The SQL that matters: enqueue, claim, submit, release, verification and quarantine.
+
+Every request-path operation is one statement (one round trip) built from data-modifying CTEs, run in a
+short transaction on a pooled connection. Parameters use psycopg's ``%(name)s`` style through
+``exec_driver_sql`` so lists travel as PostgreSQL arrays and statements are prepared per connection.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+# --------------------------------------------------------------------------------------------------------
+# Enqueue
+
+
+ENQUEUE_SQL = """
+WITH input AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(queries)s::text[], %(documents)s::text[], %(splits)s::text[],
+                         %(cycles)s::text[], %(priorities)s::float8[])
+        AS t(pair_id, query, document, split, cycle, priority)
+), ins AS (
+    INSERT INTO pair (pair_id, split, cycle, priority, is_honeypot, state)
+    SELECT pair_id, split, cycle, priority, %(honeypot)s,
+           CASE WHEN %(honeypot)s THEN 'honeypot' ELSE 'queued' END
+    FROM input
+    ON CONFLICT (pair_id) DO NOTHING
+    RETURNING pair_id
+), content AS (
+    INSERT INTO pair_content (pair_id, query, document)
+    SELECT i.pair_id, i.query, i.document FROM input i JOIN ins USING (pair_id)
+    ON CONFLICT (pair_id) DO NOTHING
+)
+SELECT count(*) FROM ins
+"""
+
+
+def enqueue_pairs(conn: Connection, pairs: Sequence[dict[str, Any]], honeypot: bool = False) -> int:
+    """Insert pairs that are not there yet in one set-based statement; returns how many were new."""
+    if not pairs:
+        return 0
+    row = conn.exec_driver_sql(
+        ENQUEUE_SQL,
+        {
+            "ids": [p["pair_id"] for p in pairs],
+            "queries": [p["query"] for p in pairs],
+            "documents": [p["document"] for p in pairs],
+            "splits": [p.get("split", "honeypot") for p in pairs],
+            "cycles": [p.get("cycle", "") for p in pairs],
+            "priorities": [float(p.get("priority", 0.0)) for p in pairs],
+            "honeypot": honeypot,
+        },
+    ).one()
+    return int(row[0])
+
+
+HONEYPOT_GOLD_SQL = """
+INSERT INTO honeypot (pair_id, relevant, grade, source)
+SELECT t.pair_id, t.relevant, t.grade, t.source
+FROM unnest(%(ids)s::uuid[], %(relevant)s::bool[], %(grades)s::smallint[], %(sources)s::text[])
+    AS t(pair_id, relevant, grade, source)
+JOIN pair p ON p.pair_id = t.pair_id AND p.is_honeypot
+ON CONFLICT (pair_id) DO NOTHING
+"""
+
+
+def enqueue_honeypots(conn: Connection, honeypots: Sequence[dict[str, Any]]) -> int:
+    """Honeypots are pairs (same table, same ID space) in state 'honeypot' plus their gold judgment."""
+    inserted = enqueue_pairs(
+        conn, [{**h, "split": "honeypot", "cycle": "", "priority": 0.0} for h in honeypots], honeypot=True
+    )
+    if honeypots:
+        conn.exec_driver_sql(
+            HONEYPOT_GOLD_SQL,
+            {
+                "ids": [h["pair_id"] for h in honeypots],
+                "relevant": [bool(h["relevant"]) for h in honeypots],
+                "grades": [h.get("grade") for h in honeypots],
+                "sources": [h.get("source", "") for h in honeypots],
+            },
+        )
+    return inserted
+
+
+# --------------------------------------------------------------------------------------------------------
+# Claim
+
+# Honeypots are drawn at random among those the contributor has never been shown (a share of the batch).
+# Ordinary pairs fill the rest from two places, tried in order: pairs whose lease expired (their batch's
+# real expiry, which chunk submissions extend, has passed too), then queued pairs by tier and priority.
+# Both lock with SKIP LOCKED so concurrent claimers never wait on each other and never get the same row.
+# The answer is sorted by pair_id, so the honeypots' position says nothing.
+CLAIM_SQL = """
+WITH m AS (
+    SELECT max(tier) AS tier FROM model
+    WHERE backend = %(backend)s AND model_id = %(model_id)s AND quantization = %(quantization)s AND admitted
+), hp_pick AS (
+    SELECT h.pair_id FROM honeypot h
+    WHERE (SELECT tier FROM m) IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
+                      WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s)
+      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = %(cid)s)
+    ORDER BY random()
+    -- randomized rounding keeps the expected share exact for any batch size; one slot stays ordinary
+    LIMIT least(floor(%(hp_expected)s + random())::int, %(n)s - 1)
+), exp AS (
+    SELECT p.pair_id FROM pair p
+    WHERE p.state = 'leased' AND p.lease_expires_at < now() AND p.tier <= (SELECT tier FROM m)
+      AND NOT EXISTS (SELECT 1 FROM batch b WHERE b.batch_id = p.lease_batch_id
+                      AND b.expires_at > now() AND b.released_at IS NULL)
+      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = p.pair_id AND l.contributor_id = %(cid)s)
+    ORDER BY p.lease_expires_at
+    LIMIT %(n)s - (SELECT count(*) FROM hp_pick)
+    FOR UPDATE OF p SKIP LOCKED
+), fresh AS (
+    SELECT p.pair_id FROM pair p
+    WHERE p.state = 'queued' AND p.tier <= (SELECT tier FROM m)
+      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = p.pair_id AND l.contributor_id = %(cid)s)
+    ORDER BY p.tier DESC, p.priority DESC
+    LIMIT greatest(%(n)s - (SELECT count(*) FROM hp_pick) - (SELECT count(*) FROM exp), 0)
+    FOR UPDATE OF p SKIP LOCKED
+), picked AS (
+    SELECT pair_id FROM exp UNION ALL SELECT pair_id FROM fresh
+), hp AS (
+    -- never a batch of honeypots alone: with no ordinary pair to hide among they would be obvious
+    SELECT pair_id FROM hp_pick WHERE EXISTS (SELECT 1 FROM picked)
+), nb AS (
+    INSERT INTO batch (batch_id, contributor_id, backend, model_id, quantization, annotator_version, tier,
+                       size, n_honeypots, expires_at)
+    SELECT %(bid)s, %(cid)s, %(backend)s, %(model_id)s, %(quantization)s, %(annotator_version)s,
+           (SELECT tier FROM m), (SELECT count(*) FROM picked), (SELECT count(*) FROM hp),
+           now() + make_interval(secs => %(lease)s)
+    WHERE EXISTS (SELECT 1 FROM picked)
+    RETURNING expires_at
+), leased AS (
+    UPDATE pair p SET state = 'leased', lease_batch_id = %(bid)s,
+                      lease_expires_at = now() + make_interval(secs => %(lease)s)
+    FROM picked WHERE p.pair_id = picked.pair_id
+    RETURNING p.pair_id
+), hpi AS (
+    INSERT INTO batch_honeypot (batch_id, pair_id, contributor_id)
+    SELECT %(bid)s, pair_id, %(cid)s FROM hp
+)
+SELECT (SELECT tier FROM m) AS tier,
+       coalesce((SELECT expires_at FROM nb), now() + make_interval(secs => %(lease)s)) AS expires_at,
+       c.pair_id, c.query, c.document
+FROM (SELECT 1) one
+LEFT JOIN (SELECT pair_id FROM leased UNION ALL SELECT pair_id FROM hp) x ON true
+LEFT JOIN pair_content c ON c.pair_id = x.pair_id
+ORDER BY c.pair_id
+"""
+
+
+@dataclass
+class ClaimResult:
+    admitted: bool
+    batch_id: uuid.UUID
+    expires_at: datetime
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def claim(
+    conn: Connection,
+    contributor_id: int,
+    size: int,
+    model: dict[str, str],
+    lease_seconds: int,
+    honeypot_fraction: float,
+) -> ClaimResult:
+    """Lease up to ``size`` pairs (honeypots included) to the contributor in one statement."""
+    batch_id = uuid.uuid4()
+    fraction = min(max(honeypot_fraction, 0.0), 0.9)
+    rows = conn.exec_driver_sql(
+        CLAIM_SQL,
+        {
+            "backend": model["backend"],
+            "model_id": model["model_id"],
+            "quantization": model["quantization"],
+            "annotator_version": model.get("annotator_version", ""),
+            "cid": contributor_id,
+            "n": size,
+            "hp_expected": size * fraction,
+            "bid": batch_id,
+            "lease": float(lease_seconds),
+        },
+    ).all()
+    tier = rows[0][0]
+    if tier is None:
+        return ClaimResult(admitted=False, batch_id=batch_id, expires_at=rows[0][1])
+    pairs = [{"pair_id": r[2], "query": r[3], "document": r[4]} for r in rows if r[2] is not None]
+    return ClaimResult(admitted=True, batch_id=batch_id, expires_at=rows[0][1], pairs=pairs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Submit
+
+# Classification of the chunk's pairs: already labeled by the caller (a retry: a duplicate, ignored),
+# leased to this batch (ordinary) or handed out with it (honeypot), or neither (refused: the whole chunk
+# is rejected, nothing is written). Accepted labels of ordinary pairs end the pair's lease and move its
+# verification forward through kombinat_next(); the batch's lease is extended.
+SUBMIT_SQL = """
+WITH inp AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(relevant)s::bool[], %(p)s::real[], %(grade)s::smallint[],
+                         %(truncated)s::bool[], %(seconds)s::real[])
+        AS t(pair_id, relevant, p_relevant, grade, truncated, seconds)
+), b AS (
+    SELECT batch_id, contributor_id, tier, quarantined,
+           (expires_at > now() AND released_at IS NULL) AS live, expires_at
+    FROM batch WHERE batch_id = %(bid)s
+    FOR UPDATE
+), me AS (
+    SELECT good_standing FROM contributor WHERE id = %(cid)s
+), dup AS (
+    SELECT l.pair_id FROM label l JOIN inp USING (pair_id) WHERE l.contributor_id = %(cid)s
+), own_p AS (
+    SELECT p.pair_id FROM pair p JOIN inp USING (pair_id)
+    WHERE p.lease_batch_id = %(bid)s AND NOT EXISTS (SELECT 1 FROM dup WHERE dup.pair_id = p.pair_id)
+    FOR UPDATE OF p
+), own_h AS (
+    SELECT bh.pair_id FROM batch_honeypot bh JOIN inp USING (pair_id)
+    WHERE bh.batch_id = %(bid)s AND NOT bh.released
+      AND NOT EXISTS (SELECT 1 FROM dup WHERE dup.pair_id = bh.pair_id)
+), chk AS (
+    SELECT (SELECT count(*) FROM inp) AS n_in,
+           (SELECT count(*) FROM dup) AS n_dup,
+           (SELECT count(*) FROM own_p) + (SELECT count(*) FROM own_h) AS n_own,
+           (SELECT contributor_id FROM b) AS owner,
+           coalesce((SELECT live FROM b), false) AS live
+), ok AS (
+    SELECT owner = %(cid)s AND n_own + n_dup = n_in AND (live OR n_own = 0) AS ok FROM chk
+), ins AS (
+    INSERT INTO label (pair_id, contributor_id, batch_id, relevant, p_relevant, grade, truncated, seconds,
+                       backend, model_id, quantization, annotator_version, tier, is_honeypot, quarantined)
+    SELECT i.pair_id, %(cid)s, %(bid)s, i.relevant, i.p_relevant, i.grade, i.truncated, i.seconds,
+           %(backend)s, %(model_id)s, %(quantization)s, %(annotator_version)s,
+           (SELECT tier FROM b), o.is_honeypot, (SELECT quarantined FROM b)
+    FROM inp i
+    JOIN (SELECT pair_id, false AS is_honeypot FROM own_p UNION ALL SELECT pair_id, true FROM own_h) o
+        USING (pair_id)
+    WHERE (SELECT ok FROM ok)
+    ON CONFLICT (pair_id, contributor_id) DO NOTHING
+    RETURNING pair_id, relevant, p_relevant, is_honeypot, quarantined
+), d AS (
+    SELECT pair_id,
+           (NOT quarantined AND (SELECT good_standing FROM me))::int AS dn,
+           (NOT quarantined AND (SELECT good_standing FROM me) AND relevant)::int AS dr,
+           CASE WHEN NOT quarantined AND (SELECT good_standing FROM me) THEN p_relevant ELSE 0 END AS dp
+    FROM ins WHERE NOT is_honeypot
+), upd AS (
+    UPDATE pair p SET
+        (status, state, tier, n_labels, n_relevant, p_sum, resolved_at) = (
+            SELECT f.status, f.state, f.new_tier,
+                   CASE WHEN f.escalated THEN 0 ELSE p.n_labels + d.dn END,
+                   CASE WHEN f.escalated THEN 0 ELSE p.n_relevant + d.dr END,
+                   CASE WHEN f.escalated THEN 0 ELSE p.p_sum + d.dp END,
+                   CASE WHEN f.state = 'done' THEN now() END
+            FROM kombinat_next(p.n_labels + d.dn, p.n_relevant + d.dr, p.tier,
+                               %(min_agree)s, %(max_per_tier)s, %(max_tier)s) f),
+        lease_batch_id = NULL,
+        lease_expires_at = NULL
+    FROM d WHERE p.pair_id = d.pair_id
+    RETURNING p.pair_id, p.status
+), bu AS (
+    UPDATE batch SET expires_at = now() + make_interval(secs => %(lease)s),
+                     n_labeled = n_labeled + (SELECT count(*) FROM ins)
+    WHERE batch_id = %(bid)s AND (SELECT ok FROM ok) AND (SELECT live FROM chk)
+    RETURNING expires_at, n_labeled, size + n_honeypots AS total
+)
+SELECT chk.n_in, chk.n_dup, chk.n_own, chk.owner, chk.live, ok.ok,
+       (SELECT count(*) FROM ins) AS accepted,
+       (SELECT count(*) FROM ins WHERE is_honeypot) AS honeypots,
+       coalesce((SELECT expires_at FROM bu), (SELECT expires_at FROM b)) AS expires_at,
+       (SELECT n_labeled FROM bu) AS n_labeled,
+       (SELECT total FROM bu) AS total,
+       (SELECT array_agg(pair_id) FROM upd WHERE status = 'escalated') AS escalated
+FROM chk, ok
+"""
+
+
+@dataclass
+class SubmitResult:
+    outcome: str  # ok | not_found | forbidden | foreign | expired
+    accepted: int = 0
+    duplicates: int = 0
+    expires_at: datetime | None = None
+    honeypots: int = 0
+    batch_complete: bool = False
+    escalated: list[uuid.UUID] = field(default_factory=list)
+
+
+def submit(
+    conn: Connection,
+    contributor_id: int,
+    batch_id: uuid.UUID,
+    labels: Sequence[dict[str, Any]],
+    model: dict[str, str],
+    lease_seconds: int,
+    min_agreement: float,
+    max_labels_per_tier: int,
+    max_tier: int,
+) -> SubmitResult:
+    row = conn.exec_driver_sql(
+        SUBMIT_SQL,
+        {
+            "ids": [lab["pair_id"] for lab in labels],
+            "relevant": [bool(lab["relevant"]) for lab in labels],
+            "p": [float(lab["p_relevant"]) for lab in labels],
+            "grade": [lab.get("grade") for lab in labels],
+            "truncated": [bool(lab.get("truncated", False)) for lab in labels],
+            "seconds": [float(lab.get("seconds", 0.0)) for lab in labels],
+            "bid": batch_id,
+            "cid": contributor_id,
+            "backend": model["backend"],
+            "model_id": model["model_id"],
+            "quantization": model["quantization"],
+            "annotator_version": model.get("annotator_version", ""),
+            "lease": float(lease_seconds),
+            "min_agree": float(min_agreement),
+            "max_per_tier": int(max_labels_per_tier),
+            "max_tier": int(max_tier),
+        },
+    ).one()
+    n_dup, owner, live, ok = row[1], row[3], row[4], row[5]
+    if owner is None:
+        return SubmitResult("not_found")
+    if owner != contributor_id:
+        return SubmitResult("forbidden")
+    if not ok:
+        # Pairs that are not in the lease: with a live batch that is the caller's error; with a dead one
+        # the lease ran out (or was released) and its pairs may already belong to someone else.
+        return SubmitResult("expired" if not live else "foreign", duplicates=n_dup)
+    return SubmitResult(
+        "ok",
+        accepted=int(row[6]),
+        duplicates=int(n_dup),
+        expires_at=row[8],
+        honeypots=int(row[7]),
+        batch_complete=row[9] is not None and row[10] is not None and row[9] >= row[10] and row[6] > 0,
+        escalated=list(row[11] or []),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Release
+
+RELEASE_SQL = """
+WITH b AS (
+    SELECT batch_id, contributor_id FROM batch WHERE batch_id = %(bid)s FOR UPDATE
+), rp AS (
+    UPDATE pair p SET state = 'queued', lease_batch_id = NULL, lease_expires_at = NULL
+    WHERE p.lease_batch_id = %(bid)s AND p.state = 'leased'
+      AND (%(all)s OR p.pair_id = ANY(%(ids)s::uuid[]))
+      AND (SELECT contributor_id FROM b) = %(cid)s
+    RETURNING 1
+), rh AS (
+    UPDATE batch_honeypot bh SET released = true
+    WHERE bh.batch_id = %(bid)s AND NOT bh.released
+      AND (%(all)s OR bh.pair_id = ANY(%(ids)s::uuid[]))
+      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = bh.pair_id AND l.contributor_id = %(cid)s)
+      AND (SELECT contributor_id FROM b) = %(cid)s
+    RETURNING 1
+), bu AS (
+    UPDATE batch SET released_at = now()
+    WHERE batch_id = %(bid)s AND %(all)s AND contributor_id = %(cid)s AND released_at IS NULL
+    RETURNING 1
+)
+SELECT (SELECT contributor_id FROM b), (SELECT count(*) FROM rp) + (SELECT count(*) FROM rh)
+"""
+
+
+def release(
+    conn: Connection, contributor_id: int, batch_id: uuid.UUID, pair_ids: Sequence[uuid.UUID] | None
+) -> tuple[str, int]:
+    row = conn.exec_driver_sql(
+        RELEASE_SQL,
+        {"bid": batch_id, "cid": contributor_id, "all": pair_ids is None, "ids": list(pair_ids or [])},
+    ).one()
+    if row[0] is None:
+        return "not_found", 0
+    if row[0] != contributor_id:
+        return "forbidden", 0
+    return "ok", int(row[1])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Verification recomputation and quarantine
+
+LOCK_PAIRS_SQL = """
+SELECT pair_id FROM pair WHERE pair_id = ANY(%(ids)s::uuid[]) AND NOT is_honeypot ORDER BY pair_id FOR UPDATE
+"""
+
+# Runs after LOCK_PAIRS_SQL in the same transaction: with the rows locked, this statement's fresh snapshot
+# sees their latest versions, so the recount cannot race a concurrent submit.
+RECOMPUTE_SQL = """
+WITH agg AS (
+    SELECT p.pair_id,
+           count(l.label_id)::int AS n,
+           (count(l.label_id) FILTER (WHERE l.relevant))::int AS r,
+           coalesce(sum(l.p_relevant), 0) AS ps
+    FROM pair p
+    LEFT JOIN label l ON l.pair_id = p.pair_id AND NOT l.quarantined AND l.tier >= p.tier
+        AND EXISTS (SELECT 1 FROM contributor c WHERE c.id = l.contributor_id AND c.good_standing)
+    WHERE p.pair_id = ANY(%(ids)s::uuid[]) AND NOT p.is_honeypot
+    GROUP BY p.pair_id
+)
+UPDATE pair p SET
+    (status, state, tier, n_labels, n_relevant, p_sum, resolved_at) = (
+        SELECT f.status,
+               -- a pair that still needs labels keeps a live lease it has
+               CASE WHEN f.state = 'queued' AND p.lease_batch_id IS NOT NULL THEN 'leased' ELSE f.state END,
+               f.new_tier,
+               CASE WHEN f.escalated THEN 0 ELSE a.n END,
+               CASE WHEN f.escalated THEN 0 ELSE a.r END,
+               CASE WHEN f.escalated THEN 0 ELSE a.ps END,
+               CASE WHEN f.state = 'done' THEN coalesce(p.resolved_at, now()) END
+        FROM kombinat_next(a.n, a.r, p.tier, %(min_agree)s, %(max_per_tier)s, %(max_tier)s) f)
+FROM agg a WHERE p.pair_id = a.pair_id
+RETURNING p.pair_id, p.status
+"""
+
+
+def recompute_pairs(
+    conn: Connection,
+    pair_ids: Sequence[uuid.UUID],
+    min_agreement: float,
+    max_labels_per_tier: int,
+    max_tier: int,
+) -> dict[uuid.UUID, str]:
+    """Recount the verification state of ``pair_ids`` from their labels that count right now.
+
+    Escalation is sticky (a pair never drops back a tier); an escalated pair is recounted again so labels
+    that already exist at its new tier count there.
+    """
+    statuses: dict[uuid.UUID, str] = {}
+    todo = list(dict.fromkeys(pair_ids))
+    for _round in range(4):
+        if not todo:
+            break
+        params = {
+            "ids": todo,
+            "min_agree": float(min_agreement),
+            "max_per_tier": int(max_labels_per_tier),
+            "max_tier": int(max_tier),
+        }
+        conn.exec_driver_sql(LOCK_PAIRS_SQL, {"ids": todo})
+        rows = conn.exec_driver_sql(RECOMPUTE_SQL, params).all()
+        todo = []
+        for pid, status in rows:
+            if status == "escalated" and statuses.get(pid) != "escalated":
+                todo.append(pid)
+            statuses[pid] = status
+    return statuses
+
+
+HONEYPOT_CHECK_SQL = """
+SELECT b.contributor_id, b.quarantined,
+       (SELECT count(*) FROM batch_honeypot bh WHERE bh.batch_id = b.batch_id
+            AND (NOT bh.released OR EXISTS (SELECT 1 FROM label l WHERE l.batch_id = b.batch_id
+                                             AND l.pair_id = bh.pair_id))) AS expected,
+       (SELECT count(*) FROM label l WHERE l.batch_id = b.batch_id AND l.is_honeypot) AS answered,
+       (SELECT count(*) FROM label l JOIN honeypot h ON h.pair_id = l.pair_id
+            WHERE l.batch_id = b.batch_id AND l.is_honeypot AND l.relevant = h.relevant) AS correct
+FROM batch b WHERE b.batch_id = %(bid)s
+"""
+
+QUARANTINE_SQL = """
+WITH b AS (
+    UPDATE batch SET quarantined = true WHERE batch_id = %(bid)s AND NOT quarantined RETURNING batch_id
+), l AS (
+    UPDATE label SET quarantined = true
+    WHERE batch_id = %(bid)s AND EXISTS (SELECT 1 FROM b) AND NOT quarantined
+    RETURNING pair_id, is_honeypot
+)
+SELECT (SELECT count(*) FROM b), array_agg(pair_id) FILTER (WHERE NOT is_honeypot) FROM l
+"""
+
+
+@dataclass
+class HoneypotVerdict:
+    contributor_id: int
+    expected: int
+    answered: int
+    correct: int
+    quarantined: bool
+    newly_quarantined: bool = False
+    touched_pairs: list[uuid.UUID] = field(default_factory=list)
+
+
+def check_batch_honeypots(
+    conn: Connection, batch_id: uuid.UUID, min_accuracy: float
+) -> HoneypotVerdict | None:
+    """Quarantine the batch as soon as its honeypot accuracy can no longer reach ``min_accuracy``.
+
+    Deciding early (before every honeypot is answered) means the rest of a bad batch's labels are stored
+    quarantined from the start instead of counting and being recounted later.
+    """
+    row = conn.exec_driver_sql(HONEYPOT_CHECK_SQL, {"bid": batch_id}).one_or_none()
+    if row is None:
+        return None
+    verdict = HoneypotVerdict(
+        contributor_id=row[0], quarantined=row[1], expected=row[2], answered=row[3], correct=row[4]
+    )
+    if verdict.quarantined or verdict.expected == 0:
+        return verdict
+    wrong = verdict.answered - verdict.correct
+    best_possible = (verdict.expected - wrong) / verdict.expected
+    if best_possible < min_accuracy:
+        q = conn.exec_driver_sql(QUARANTINE_SQL, {"bid": batch_id}).one()
+        verdict.quarantined = True
+        verdict.newly_quarantined = bool(q[0])
+        verdict.touched_pairs = list(q[1] or [])
+    return verdict

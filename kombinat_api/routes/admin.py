@@ -1,0 +1,293 @@
+"""Admin endpoints for the pipeline: enqueue, honeypots, exports, queue and trust reports."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+
+from kombinat_api import queue
+from kombinat_api.auth import Principal, require_admin
+from kombinat_api.routes.deps import engine_of, limit_error, settings_of
+from kombinat_api.schemas import EnqueueRequest, HoneypotRequest, InsertResponse
+
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+@router.post("/pairs", response_model=InsertResponse)
+def enqueue(body: EnqueueRequest, request: Request) -> InsertResponse:
+    settings = settings_of(request)
+    if len(body.pairs) > settings.max_enqueue_pairs:
+        raise limit_error(("body", "pairs"), len(body.pairs), settings.max_enqueue_pairs, "number of pairs")
+    with engine_of(request).begin() as conn:
+        inserted = queue.enqueue_pairs(conn, [p.model_dump() for p in body.pairs])
+    return InsertResponse(inserted=inserted, already_present=len(body.pairs) - inserted)
+
+
+@router.post("/honeypots", response_model=InsertResponse)
+def load_honeypots(body: HoneypotRequest, request: Request) -> InsertResponse:
+    settings = settings_of(request)
+    if len(body.honeypots) > settings.max_enqueue_pairs:
+        raise limit_error(
+            ("body", "honeypots"), len(body.honeypots), settings.max_enqueue_pairs, "number of honeypots"
+        )
+    with engine_of(request).begin() as conn:
+        inserted = queue.enqueue_honeypots(conn, [h.model_dump() for h in body.honeypots])
+    return InsertResponse(inserted=inserted, already_present=len(body.honeypots) - inserted)
+
+
+def _page_size(request: Request, limit: int | None) -> int:
+    settings = settings_of(request)
+    if limit is None:
+        return settings.default_page_size
+    if limit > settings.max_page_size:
+        raise limit_error(("query", "limit"), limit, settings.max_page_size, "page size")
+    return limit
+
+
+def _parse_label_cursor(after: str | None) -> tuple[int, int]:
+    if not after:
+        return (-1, -1)
+    try:
+        xact, label_id = after.split(":")
+        return int(xact), int(label_id)
+    except ValueError as exc:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            detail=f"Invalid cursor {after!r}: pass back a next_cursor unchanged.",
+        ) from exc
+
+
+# Only labels of transactions older than every transaction still running are handed out, ordered by
+# (transaction id, label id): any label that commits later sorts after the cursor, so polling with the
+# returned cursor never misses one, and a page is a stable, repeatable slice.
+LABELS_SQL = """
+SELECT l.xact, l.label_id, l.pair_id, l.contributor_id, l.relevant, l.p_relevant, l.grade, l.truncated,
+       l.backend, l.model_id, l.quantization, l.annotator_version, l.created_at, l.quarantined,
+       p.split, p.cycle
+FROM label l JOIN pair p ON p.pair_id = l.pair_id
+WHERE (l.xact, l.label_id) > (%(ax)s, %(al)s)
+  AND l.xact < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+  AND (%(split)s::text IS NULL OR p.split = %(split)s::text)
+  AND (%(cycle)s::text IS NULL OR p.cycle = %(cycle)s::text)
+ORDER BY l.xact, l.label_id
+LIMIT %(limit)s
+"""
+
+
+@router.get("/labels")
+def export_labels(
+    request: Request,
+    after: str | None = None,
+    limit: int | None = Query(default=None, ge=1),
+    split: str | None = None,
+    cycle: str | None = None,
+) -> dict[str, Any]:
+    ax, al = _parse_label_cursor(after)
+    n = _page_size(request, limit)
+    with engine_of(request).connect() as conn:
+        rows = conn.exec_driver_sql(
+            LABELS_SQL, {"ax": ax, "al": al, "split": split, "cycle": cycle, "limit": n}
+        ).all()
+    labels = [
+        {
+            "label_id": r.label_id,
+            "pair_id": str(r.pair_id),
+            "contributor_id": r.contributor_id,
+            "relevant": r.relevant,
+            "p_relevant": r.p_relevant,
+            "grade": r.grade,
+            "truncated": r.truncated,
+            "backend": r.backend,
+            "model_id": r.model_id,
+            "quantization": r.quantization,
+            "annotator_version": r.annotator_version,
+            "created_at": r.created_at.isoformat(),
+            "quarantined": r.quarantined,
+            "split": r.split,
+            "cycle": r.cycle,
+        }
+        for r in rows
+    ]
+    next_cursor = f"{rows[-1].xact}:{rows[-1].label_id}" if rows else after
+    return {"labels": labels, "next_cursor": next_cursor}
+
+
+VERIFIED_SQL = """
+SELECT p.pair_id, c.query, c.document, p.split, p.cycle, p.status, p.tier, p.n_labels, p.n_relevant, p.p_sum,
+       (SELECT coalesce(array_agg(DISTINCT l.backend || '/' || l.model_id || '/' || l.quantization), '{}')
+        FROM label l WHERE l.pair_id = p.pair_id AND NOT l.quarantined AND l.tier >= p.tier) AS models
+FROM pair p JOIN pair_content c ON c.pair_id = p.pair_id
+WHERE p.status = %(status)s AND NOT p.is_honeypot
+  AND (%(split)s::text IS NULL OR p.split = %(split)s::text)
+  AND (%(cycle)s::text IS NULL OR p.cycle = %(cycle)s::text)
+  AND p.pair_id > %(after)s
+ORDER BY p.pair_id
+LIMIT %(limit)s
+"""
+
+STATUSES = ("verified", "disputed", "escalated", "unresolved", "labeled", "new")
+
+
+@router.get("/verified")
+def export_verified(
+    request: Request,
+    split: str | None = None,
+    cycle: str | None = None,
+    after: uuid.UUID | None = None,
+    limit: int | None = Query(default=None, ge=1),
+    status_: str = Query(default="verified", alias="status"),
+) -> dict[str, Any]:
+    if status_ not in STATUSES:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, detail=f"status must be one of {', '.join(STATUSES)}"
+        )
+    n = _page_size(request, limit)
+    with engine_of(request).connect() as conn:
+        rows = conn.exec_driver_sql(
+            VERIFIED_SQL,
+            {
+                "status": status_,
+                "split": split,
+                "cycle": cycle,
+                "after": after or uuid.UUID(int=0),
+                "limit": n,
+            },
+        ).all()
+    pairs = []
+    for r in rows:
+        majority = r.n_relevant * 2 >= r.n_labels if r.n_labels else None
+        agree = max(r.n_relevant, r.n_labels - r.n_relevant) / r.n_labels if r.n_labels else None
+        pairs.append(
+            {
+                "pair_id": str(r.pair_id),
+                "query": r.query,
+                "document": r.document,
+                "split": r.split,
+                "cycle": r.cycle,
+                "status": r.status,
+                "label": majority,
+                "p_relevant": r.p_sum / r.n_labels if r.n_labels else None,
+                "n_labels": r.n_labels,
+                "agreement": agree,
+                "tier": r.tier,
+                "models": sorted(r.models),
+            }
+        )
+    next_cursor = pairs[-1]["pair_id"] if pairs else (str(after) if after else None)
+    return {"pairs": pairs, "next_cursor": next_cursor}
+
+
+QUEUE_SQL = """
+SELECT count(*) FILTER (WHERE state = 'queued') AS queued,
+       count(*) FILTER (WHERE state = 'leased') AS leased,
+       count(*) FILTER (WHERE n_labels > 0 OR status <> 'new') AS labeled,
+       count(*) FILTER (WHERE status = 'verified') AS verified,
+       count(*) FILTER (WHERE status = 'disputed') AS disputed,
+       count(*) FILTER (WHERE status = 'escalated') AS escalated,
+       count(*) FILTER (WHERE status = 'unresolved') AS unresolved
+FROM pair
+WHERE NOT is_honeypot
+  AND (%(split)s::text IS NULL OR split = %(split)s::text)
+  AND (%(cycle)s::text IS NULL OR cycle = %(cycle)s::text)
+"""
+
+
+@router.get("/queue")
+def queue_counts(request: Request, split: str | None = None, cycle: str | None = None) -> dict[str, int]:
+    with engine_of(request).connect() as conn:
+        row = conn.exec_driver_sql(QUEUE_SQL, {"split": split, "cycle": cycle}).mappings().one()
+    return dict(row)
+
+
+CONTRIBUTORS_SQL = """
+SELECT c.id AS contributor_id, c.login, c.is_admin, c.banned, c.reputation, c.good_standing, c.trusted,
+       c.hp_total, c.hp_correct, c.agree_total, c.agree_count, c.n_labels, c.n_relevant, c.divergence,
+       c.quarantined_batches, c.created_at, c.reputation_updated_at
+FROM contributor c
+WHERE NOT c.is_admin
+ORDER BY c.reputation DESC, c.id
+LIMIT %(limit)s OFFSET %(offset)s
+"""
+
+
+@router.get("/contributors")
+def contributors(
+    request: Request, limit: int | None = Query(default=None, ge=1), offset: int = Query(default=0, ge=0)
+) -> dict[str, Any]:
+    n = _page_size(request, limit)
+    with engine_of(request).connect() as conn:
+        rows = conn.exec_driver_sql(CONTRIBUTORS_SQL, {"limit": n, "offset": offset}).mappings().all()
+    out = []
+    for r in rows:
+        out.append(
+            {
+                "contributor_id": r["contributor_id"],
+                "login": r["login"],
+                "banned": r["banned"],
+                "reputation": r["reputation"],
+                "good_standing": r["good_standing"],
+                "trusted": r["trusted"],
+                "honeypot_accuracy": r["hp_correct"] / r["hp_total"] if r["hp_total"] else None,
+                "honeypots_answered": r["hp_total"],
+                "agreement": r["agree_count"] / r["agree_total"] if r["agree_total"] else None,
+                "divergence": r["divergence"],
+                "labels": r["n_labels"],
+                "relevant_share": r["n_relevant"] / r["n_labels"] if r["n_labels"] else None,
+                "quarantined_batches": r["quarantined_batches"],
+                "reputation_updated_at": r["reputation_updated_at"],
+            }
+        )
+    return {"contributors": out}
+
+
+# Agreement of a label: does it match the verdict of the other counted labels of its pair (ties 1/2)?
+MODEL_QUALITY_SQL = """
+WITH lab AS (
+    SELECT l.backend, l.model_id, l.quantization, l.relevant, l.is_honeypot, l.quarantined,
+           h.relevant AS gold,
+           p.n_labels - (NOT l.quarantined AND l.tier >= p.tier AND c.good_standing)::int AS on_,
+           p.n_relevant
+               - (NOT l.quarantined AND l.tier >= p.tier AND c.good_standing AND l.relevant)::int AS or_
+    FROM label l
+    JOIN pair p ON p.pair_id = l.pair_id
+    JOIN contributor c ON c.id = l.contributor_id
+    LEFT JOIN honeypot h ON h.pair_id = l.pair_id
+)
+SELECT backend, model_id, quantization,
+       count(*) FILTER (WHERE NOT is_honeypot) AS labels,
+       count(*) FILTER (WHERE quarantined) AS quarantined,
+       count(*) FILTER (WHERE is_honeypot) AS honeypots,
+       count(*) FILTER (WHERE is_honeypot AND relevant = gold) AS honeypots_correct,
+       count(*) FILTER (WHERE NOT is_honeypot AND on_ >= 1) AS compared,
+       coalesce(sum(CASE WHEN is_honeypot OR on_ < 1 THEN 0 WHEN or_ * 2 = on_ THEN 0.5
+                         WHEN (or_ * 2 > on_) = relevant THEN 1 ELSE 0 END), 0) AS agreed,
+       avg(relevant::int) FILTER (WHERE NOT is_honeypot) AS relevant_share
+FROM lab
+GROUP BY backend, model_id, quantization
+ORDER BY backend, model_id, quantization
+"""
+
+
+@router.get("/model-quality")
+def model_quality(request: Request, _admin: Principal = Depends(require_admin)) -> dict[str, Any]:
+    with engine_of(request).connect() as conn:
+        rows = conn.exec_driver_sql(MODEL_QUALITY_SQL).mappings().all()
+    return {
+        "models": [
+            {
+                "backend": r["backend"],
+                "model_id": r["model_id"],
+                "quantization": r["quantization"],
+                "labels": r["labels"],
+                "quarantined": r["quarantined"],
+                "honeypots_answered": r["honeypots"],
+                "honeypot_accuracy": r["honeypots_correct"] / r["honeypots"] if r["honeypots"] else None,
+                "compared": r["compared"],
+                "agreement": float(r["agreed"]) / r["compared"] if r["compared"] else None,
+                "relevant_share": float(r["relevant_share"]) if r["relevant_share"] is not None else None,
+            }
+            for r in rows
+        ]
+    }

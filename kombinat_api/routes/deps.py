@@ -1,0 +1,34 @@
+"""Shared helpers for the route modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import Engine
+
+from kombinat_api.settings import Settings
+
+
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def engine_of(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def limit_error(loc: tuple[str, ...], value: Any, maximum: int, what: str) -> RequestValidationError:
+    """A 422 in FastAPI's own error-list shape for limits that come from settings, not from the schema."""
+    return RequestValidationError(
+        [
+            {
+                "type": "less_than_equal",
+                "loc": loc,
+                "msg": f"{what} {value} exceeds this server's limit of {maximum}",
+                "input": value,
+                "ctx": {"le": maximum},
+            }
+        ]
+    )

@@ -1,0 +1,133 @@
+"""Claim a batch, submit label chunks, release pairs."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request, status
+
+from kombinat_api import queue, trust
+from kombinat_api.auth import Principal, current_principal
+from kombinat_api.routes.deps import engine_of, limit_error, settings_of
+from kombinat_api.schemas import (
+    ClaimRequest,
+    ClaimResponse,
+    LabelChunk,
+    ReleaseRequest,
+    ReleaseResponse,
+    SubmitResponse,
+)
+
+router = APIRouter(prefix="/api/v1/batches", tags=["work"])
+
+
+@router.post("/claim", response_model=ClaimResponse)
+def claim_batch(
+    body: ClaimRequest, request: Request, principal: Principal = Depends(current_principal)
+) -> ClaimResponse:
+    settings = settings_of(request)
+    if body.size > settings.max_batch_size:
+        raise limit_error(("body", "size"), body.size, settings.max_batch_size, "batch size")
+    # New and low-reputation contributors get honeypot-heavy batches until they have earned trust.
+    fraction = settings.honeypot_fraction if principal.trusted else settings.honeypot_fraction_untrusted
+    with engine_of(request).begin() as conn:
+        result = queue.claim(
+            conn,
+            principal.contributor_id,
+            body.size,
+            body.model.model_dump(),
+            settings.lease_seconds,
+            fraction,
+        )
+    if not result.admitted:
+        m = body.model
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail=f"Model {m.backend}/{m.model_id}/{m.quantization} is not admitted; "
+            "GET /api/v1/models lists the admitted ones.",
+        )
+    return ClaimResponse(batch_id=result.batch_id, lease_expires_at=result.expires_at, pairs=result.pairs)
+
+
+@router.post("/{batch_id}/labels", response_model=SubmitResponse)
+def submit_labels(
+    batch_id: uuid.UUID,
+    body: LabelChunk,
+    request: Request,
+    background: BackgroundTasks,
+    principal: Principal = Depends(current_principal),
+) -> SubmitResponse:
+    settings = settings_of(request)
+    if len(body.labels) > settings.max_labels_per_chunk:
+        raise limit_error(
+            ("body", "labels"), len(body.labels), settings.max_labels_per_chunk, "chunk of labels"
+        )
+    labels = [lab.model_dump() for lab in body.labels]
+    engine = engine_of(request)
+    result = queue.SubmitResult("foreign")
+    # A refusal can be a stale snapshot: a retry of this very chunk that waited on the batch lock while the
+    # first attempt committed. One fresh attempt tells a real refusal from that race.
+    for _attempt in range(2):
+        with engine.begin() as conn:
+            result = queue.submit(
+                conn,
+                principal.contributor_id,
+                batch_id,
+                labels,
+                body.model.model_dump(),
+                settings.lease_seconds,
+                settings.verify_min_agreement,
+                settings.max_labels_per_tier,
+                settings.max_tier,
+            )
+        if result.outcome != "foreign":
+            break
+    if result.outcome == "not_found":
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"Batch {batch_id} does not exist.")
+    if result.outcome == "forbidden":
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, detail=f"Batch {batch_id} belongs to another contributor."
+        )
+    if result.outcome == "expired":
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"The lease of batch {batch_id} expired or was released; claim a new batch.",
+        )
+    if result.outcome == "foreign":
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail="Some labels are for pairs outside this batch's live lease; the chunk was rejected whole.",
+        )
+    if result.honeypots or result.batch_complete or result.escalated:
+        background.add_task(
+            trust.after_submit,
+            engine,
+            batch_id,
+            principal.contributor_id,
+            result.honeypots > 0,
+            result.batch_complete,
+            result.escalated,
+            settings,
+        )
+    return SubmitResponse(
+        accepted=result.accepted, duplicates=result.duplicates, lease_expires_at=result.expires_at
+    )
+
+
+@router.post("/{batch_id}/release", response_model=ReleaseResponse)
+def release_batch(
+    batch_id: uuid.UUID,
+    request: Request,
+    body: ReleaseRequest | None = None,
+    principal: Principal = Depends(current_principal),
+) -> ReleaseResponse:
+    pair_ids = body.pair_ids if body is not None else None
+    with engine_of(request).begin() as conn:
+        outcome, released = queue.release(conn, principal.contributor_id, batch_id, pair_ids)
+    if outcome == "not_found":
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"Batch {batch_id} does not exist.")
+    if outcome == "forbidden":
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, detail=f"Batch {batch_id} belongs to another contributor."
+        )
+    return ReleaseResponse(released=released)

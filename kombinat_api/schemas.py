@@ -1,0 +1,162 @@
+"""Request and response bodies of the HTTP API (docs/api.md)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Backend = Literal["llama_cpp", "vllm", "mlx"]
+
+
+class Strict(BaseModel):
+    # Unknown fields are an error, so a typo in a client is reported instead of silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelInfo(Strict):
+    backend: Backend
+    model_id: str = Field(min_length=1, max_length=300)
+    quantization: str = Field(min_length=1, max_length=100)
+    annotator_version: str = Field(default="", max_length=100)
+
+
+class ClaimRequest(Strict):
+    size: int = Field(ge=1, le=100_000)
+    model: ModelInfo
+
+
+class PairOut(BaseModel):
+    pair_id: uuid.UUID
+    query: str
+    document: str
+
+
+class ClaimResponse(BaseModel):
+    batch_id: uuid.UUID
+    lease_expires_at: datetime
+    pairs: list[PairOut]
+
+
+class LabelIn(Strict):
+    pair_id: uuid.UUID
+    relevant: bool
+    p_relevant: float = Field(ge=0.0, le=1.0)
+    grade: int | None = Field(default=None, ge=0, le=3)
+    truncated: bool = False
+    seconds: float = Field(default=0.0, ge=0.0, le=86_400.0)
+
+
+class LabelChunk(Strict):
+    model: ModelInfo
+    labels: list[LabelIn] = Field(min_length=1, max_length=500)
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_pairs(cls, labels: list[LabelIn]) -> list[LabelIn]:
+        seen: set[uuid.UUID] = set()
+        for label in labels:
+            if label.pair_id in seen:
+                raise ValueError(f"pair_id {label.pair_id} appears more than once in this chunk")
+            seen.add(label.pair_id)
+        return labels
+
+
+class SubmitResponse(BaseModel):
+    accepted: int
+    duplicates: int
+    lease_expires_at: datetime | None
+
+
+class ReleaseRequest(Strict):
+    pair_ids: list[uuid.UUID] | None = Field(default=None, max_length=100_000)
+
+
+class ReleaseResponse(BaseModel):
+    released: int
+
+
+class PairIn(Strict):
+    pair_id: uuid.UUID
+    query: str = Field(min_length=1)
+    document: str = Field(min_length=1)
+    split: str = Field(min_length=1, max_length=200)
+    cycle: str = Field(min_length=1, max_length=50)
+    priority: float = 0.0
+
+    @field_validator("split")
+    @classmethod
+    def _not_reserved(cls, split: str) -> str:
+        if split == "honeypot":
+            raise ValueError("'honeypot' is reserved; load gold pairs through /api/v1/admin/honeypots")
+        return split
+
+
+class EnqueueRequest(Strict):
+    pairs: list[PairIn]
+
+
+class HoneypotIn(Strict):
+    pair_id: uuid.UUID
+    query: str = Field(min_length=1)
+    document: str = Field(min_length=1)
+    relevant: bool
+    grade: int | None = Field(default=None, ge=0, le=3)
+    source: str = Field(default="", max_length=300)
+
+
+class HoneypotRequest(Strict):
+    honeypots: list[HoneypotIn]
+
+
+class InsertResponse(BaseModel):
+    inserted: int
+    already_present: int
+
+
+class ModelEntry(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    backend: Backend
+    model_id: str = Field(min_length=1, max_length=300)
+    quantization: str = Field(min_length=1, max_length=100)
+    tier: int = Field(default=0, ge=0, le=10)
+    hub_repo: str = ""
+    hub_file: str = ""
+    sha256: str = ""
+    size_bytes: int = Field(default=0, ge=0)
+    min_memory_gb: float = Field(default=0.0, ge=0.0)
+    admitted: bool = False
+    qualification: dict[str, Any] | None = None
+
+
+class ModelList(BaseModel):
+    models: list[ModelEntry]
+
+
+class DeviceStartResponse(BaseModel):
+    device_code: str
+    user_code: str
+    verification_uri: str
+    interval: int
+    expires_in: int
+
+
+class DevicePollRequest(Strict):
+    device_code: str = Field(min_length=1, max_length=500)
+
+
+class DevicePollResponse(BaseModel):
+    token: str
+    login: str
+    contributor_id: int
+
+
+class MeResponse(BaseModel):
+    contributor_id: int
+    login: str
+    is_admin: bool
+    reputation: float
+    trusted: bool
+    labels_submitted: int

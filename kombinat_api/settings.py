@@ -1,0 +1,60 @@
+"""Configuration from the environment (prefix ``KOMBINAT_``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the server; one instance is built per process and passed to ``create_app``."""
+
+    model_config = SettingsConfigDict(env_prefix="KOMBINAT_", env_file=None, extra="ignore")
+
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/kombinat"
+    # Each replica holds its own pool; the sum over replicas must stay under PostgreSQL's max_connections.
+    db_pool_size: int = 8
+    db_max_overflow: int = 4
+
+    # GitHub OAuth device flow. The client id of an OAuth App with device flow enabled (no secret needed).
+    github_client_id: str = ""
+    github_oauth_url: str = "https://github.com"
+    github_api_url: str = "https://api.github.com"
+    github_scope: str = "read:user"
+    github_timeout_s: float = 10.0
+
+    # Leases.
+    lease_seconds: int = 900
+    max_batch_size: int = 1000
+    max_labels_per_chunk: int = 500
+
+    # Verification: a pair is verified once >= 2 counted labels agree and the majority's share reaches
+    # verify_min_agreement. A pair that reached max_labels_per_tier counted labels without that escalates
+    # to the next model tier, up to max_tier; past it the pair is marked unresolved.
+    verify_min_agreement: float = Field(default=0.66, ge=0.5, le=1.0)
+    max_labels_per_tier: int = Field(default=3, ge=2)
+    max_tier: int = 1
+
+    # Honeypots: share of each batch for trusted contributors (5-10 % by design) and for new or
+    # low-reputation ones, who get honeypot-heavy batches until they are trusted.
+    honeypot_fraction: float = Field(default=0.07, ge=0.0, le=0.5)
+    honeypot_fraction_untrusted: float = Field(default=0.3, ge=0.0, le=0.9)
+    honeypot_min_accuracy: float = 0.9
+
+    # Reputation.
+    initial_reputation: float = 0.6
+    min_reputation: float = 0.4  # below this a contributor's labels stop counting toward verification
+    trust_min_honeypots: int = 20
+    trust_min_reputation: float = 0.75
+
+    # Limits.
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_admin_body_bytes: int = 256 * 1024 * 1024
+    max_page_size: int = 10_000
+    default_page_size: int = 1000
+    max_enqueue_pairs: int = 200_000
+    rate_limit_per_minute: int = 600
+    admin_rate_limit_per_minute: int = 6000
+    device_rate_limit_per_minute: int = 60  # unauthenticated sign-in calls, per client address
+
+    stats_window_hours: int = 1

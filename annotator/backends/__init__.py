@@ -1,0 +1,36 @@
+"""Scoring backends behind one interface (:class:`annotator.backends.base.Backend`).
+
+Each backend module imports its model library lazily, inside the constructor, so that importing
+``annotator.backends`` costs nothing and works on a base install.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from annotator.backends.base import Backend, ModelMeta, Pair, Score, order_pairs
+
+BACKENDS = ("vllm", "mlx", "llama_cpp")
+# The Python module each backend needs; `doctor` checks them with importlib.util.find_spec (no import).
+BACKEND_MODULES = {"llama_cpp": "llama_cpp", "vllm": "vllm", "mlx": "mlx_lm"}
+BACKEND_EXTRAS = {"llama_cpp": "cpu", "vllm": "gpu", "mlx": "mlx"}
+
+
+def load_backend(name: str, model_path: str | Path, *, quantization: str = "", **options: object) -> Backend:
+    """Construct the named backend on a local model file (GGUF) or directory (HF/MLX checkpoint)."""
+    if name == "llama_cpp":
+        from annotator.backends.llama_cpp import LlamaCppBackend
+
+        return LlamaCppBackend(model_path, **options)  # type: ignore[arg-type]
+    if name == "vllm":
+        from annotator.backends.vllm import VLLMBackend
+
+        return VLLMBackend(str(model_path), quantization=quantization, **options)  # type: ignore[arg-type]
+    if name == "mlx":
+        from annotator.backends.mlx import MLXBackend
+
+        return MLXBackend(model_path, **options)  # type: ignore[arg-type]
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "Backend", "ModelMeta", "Pair", "Score", "load_backend", "order_pairs"]

@@ -1,0 +1,247 @@
+"""The one small interface every backend implements, and the logic they share.
+
+A backend turns pairs into P(relevant) with one forward pass per pair: it builds the token prompt
+(prefix = template + query, rest = document + question + assistant header), reads the next-token
+distribution after the prompt, and compares the probability of "yes" against "no". No text is generated.
+
+Everything here is plain Python + numpy so that it is unit-tested without any model library.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from annotator.prompt import NO_VARIANTS, YES_VARIANTS, PromptTemplate
+
+# tokenize(text, special) -> token ids, never adding BOS: the backend decides about BOS once, for the prefix.
+Tokenize = Callable[[str, bool], list[int]]
+
+
+@dataclass(frozen=True)
+class Pair:
+    pair_id: str
+    query: str
+    document: str
+
+
+@dataclass(frozen=True)
+class Score:
+    pair_id: str
+    p_relevant: float
+    truncated: bool
+    seconds: float
+    prompt_tokens: int  # length of the full prompt
+    evaluated_tokens: int  # tokens actually run through the model (the rest came from the prefix cache)
+    yes_no_mass: float  # P(yes-variants) + P(no-variants): low means the model wanted to say something else
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What every label says about the model that made it (and nothing about the machine)."""
+
+    backend: str
+    model_id: str
+    quantization: str
+    annotator_version: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "backend": self.backend,
+            "model_id": self.model_id,
+            "quantization": self.quantization,
+            "annotator_version": self.annotator_version,
+        }
+
+
+@dataclass
+class BackendStats:
+    pairs: int = 0
+    prompt_tokens: int = 0
+    evaluated_tokens: int = 0
+    seconds: float = 0.0
+    truncated: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """Scores pairs in the order given. Callers pass pairs through :func:`order_pairs` first."""
+
+    name: str = "?"
+
+    def __init__(self) -> None:
+        self.stats = BackendStats()
+
+    @abstractmethod
+    def score_pairs(self, pairs: Iterable[Pair]) -> Iterator[Score]:
+        """Yield one Score per pair, lazily, so that a caller can stop between pairs (Ctrl-C)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends free memory on garbage collection
+        """Release model memory."""
+
+    def _account(self, score: Score) -> None:
+        self.stats.pairs += 1
+        self.stats.prompt_tokens += score.prompt_tokens
+        self.stats.evaluated_tokens += score.evaluated_tokens
+        self.stats.seconds += score.seconds
+        self.stats.truncated += int(score.truncated)
+
+
+def order_pairs(pairs: Iterable[Pair]) -> list[Pair]:
+    """Group pairs that share a query so they run back to back (the backend reuses their prefix).
+
+    Groups keep the order of each query's first appearance, and pairs keep their order inside a group:
+    kombinat hands out hardest-first, and a stable order keeps resumed runs deterministic.
+    """
+    groups: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        groups.setdefault(pair.query, []).append(pair)
+    return [pair for group in groups.values() for pair in group]
+
+
+@dataclass(frozen=True)
+class TokenPrompt:
+    prefix: list[int]  # template + query: shared by every pair with this query
+    rest: list[int]  # document + question + assistant header
+    truncated: bool
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prefix + self.rest
+
+
+class PromptBuilder:
+    """Tokenizes the versioned prompt for one model, truncating what does not fit the context.
+
+    The context budget is spent in this order: the fixed template, then the query (capped at
+    ``max_query_tokens``), then as much of the document as fits (capped at ``max_document_tokens``).
+    Cutting at a token boundary keeps the cut exact; the label is marked truncated either way.
+    """
+
+    def __init__(
+        self,
+        template: PromptTemplate,
+        tokenize: Tokenize,
+        *,
+        n_ctx: int,
+        bos: Sequence[int] = (),
+        max_query_tokens: int = 256,
+        max_document_tokens: int = 1536,
+    ) -> None:
+        self.tokenize = tokenize
+        self.bos = list(bos)
+        self.before_query = self.bos + tokenize(template.before_query, True)
+        self.between = tokenize(template.between, True)
+        self.after_document = tokenize(template.after_document, True)
+        self.n_ctx = n_ctx
+        self.max_query_tokens = max_query_tokens
+        self.max_document_tokens = max_document_tokens
+        fixed = len(self.before_query) + len(self.between) + len(self.after_document)
+        if fixed + 16 >= n_ctx:
+            raise ValueError(f"context of {n_ctx} tokens is too small for the {fixed}-token prompt template")
+        self._prefix_cache: tuple[str, list[int], bool] | None = None
+
+    def prefix(self, query: str) -> tuple[list[int], bool]:
+        # Pairs arrive grouped by query: remember the last prefix instead of re-tokenizing it per pair.
+        if self._prefix_cache is not None and self._prefix_cache[0] == query:
+            return self._prefix_cache[1], self._prefix_cache[2]
+        q = self.tokenize(query, False)
+        truncated = len(q) > self.max_query_tokens
+        ids = self.before_query + q[: self.max_query_tokens] + self.between
+        self._prefix_cache = (query, ids, truncated)
+        return ids, truncated
+
+    def build(self, query: str, document: str) -> TokenPrompt:
+        prefix, q_truncated = self.prefix(query)
+        budget = min(self.max_document_tokens, self.n_ctx - len(prefix) - len(self.after_document) - 1)
+        d = self.tokenize(document, False)
+        d_truncated = len(d) > budget
+        return TokenPrompt(prefix, d[:budget] + self.after_document, q_truncated or d_truncated)
+
+
+@dataclass(frozen=True)
+class AnswerTokens:
+    yes: tuple[int, ...]
+    no: tuple[int, ...]
+
+    @classmethod
+    def from_tokenizer(cls, tokenize: Tokenize) -> AnswerTokens:
+        """The single-token spellings of yes/no in this vocabulary.
+
+        A variant that splits into several tokens (e.g. " YES" → " Y", "ES") cannot be read from one
+        next-token distribution, so it is skipped; its first piece would be ambiguous ("Y" also starts "You").
+        """
+
+        def single(variants: tuple[str, ...]) -> tuple[int, ...]:
+            ids: list[int] = []
+            for text in variants:
+                toks = tokenize(text, False)
+                if len(toks) == 1 and toks[0] not in ids:
+                    ids.append(toks[0])
+            return tuple(ids)
+
+        yes, no = single(YES_VARIANTS), single(NO_VARIANTS)
+        if not yes or not no:
+            raise ValueError("this tokenizer has no single-token 'yes'/'no': the model cannot be used")
+        if set(yes) & set(no):
+            raise ValueError("a token counts as both 'yes' and 'no'")
+        return cls(yes, no)
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    if top == -math.inf:
+        return -math.inf
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def p_relevant_from_logits(logits: Sequence[float], answers: AnswerTokens) -> tuple[float, float]:
+    """P(yes) / (P(yes) + P(no)) from a full next-token logit vector, and the yes+no share of all mass.
+
+    Renormalizing over the two answers is what makes P comparable across models whose chat habits put
+    different mass on other tokens (a leading space, "The", …); the mass is kept to spot such habits.
+    """
+    import numpy as np  # numpy comes with every backend library; the base install never reaches this
+
+    arr = np.asarray(logits, dtype=np.float64)
+    top = float(arr.max())
+    log_total = top + math.log(float(np.exp(arr - top).sum()))
+    ly = _logsumexp([float(arr[i]) for i in answers.yes])
+    ln = _logsumexp([float(arr[i]) for i in answers.no])
+    return _two_way(ly, ln), math.exp(_logsumexp([ly, ln]) - log_total)
+
+
+def p_relevant_from_logprobs(logprobs: Mapping[int, float], answers: AnswerTokens) -> tuple[float, float]:
+    """The same from a top-k map {token id: log-probability} (vLLM returns only the top k).
+
+    A variant missing from the top k has a probability below the smallest one returned; we count it at that
+    bound, which can only pull P toward 0.5 — never invent confidence the model did not show.
+    """
+    if not logprobs:
+        return 0.5, 0.0
+    floor = min(logprobs.values())
+    ly = _logsumexp([logprobs.get(i, floor) for i in answers.yes])
+    ln = _logsumexp([logprobs.get(i, floor) for i in answers.no])
+    mass = sum(math.exp(logprobs[i]) for i in (*answers.yes, *answers.no) if i in logprobs)
+    return _two_way(ly, ln), mass
+
+
+def _two_way(log_yes: float, log_no: float) -> float:
+    if log_yes == -math.inf and log_no == -math.inf:
+        return 0.5
+    # Logistic of the log-odds: exact and overflow-free.
+    diff = log_no - log_yes
+    if diff > 700:
+        return 0.0
+    return 1.0 / (1.0 + math.exp(diff))
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

@@ -4,8 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 EXTRAS ?= server,pipeline,dev,cpu
-STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 export EMBEDKOMB_DATA_DIR ?= $(abspath ../shared/data)
 export DAGSTER_HOME ?= $(abspath .dagster_home)

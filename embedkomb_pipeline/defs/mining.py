@@ -1,0 +1,151 @@
+"""source_pairs (per split) and mining_shard (per split × cycle) with their checks."""
+
+
+import dagster as dg
+import duckdb
+
+from embedkomb_pipeline.defs.partitions import (
+    cycle_key,
+    cycle_number,
+    from_split,
+    split_and_cycle,
+    split_cycle_partitions,
+    split_partitions,
+)
+from embedkomb_pipeline.defs.resources import DenseModelResource, LakeResource, SourceDataResource
+from embedkomb_pipeline.embedding import EmbeddingCache
+from embedkomb_pipeline.mining import MiningConfig, mine_split
+from embedkomb_pipeline.sources import write_source_pairs
+
+
+@dg.asset(
+    partitions_def=split_partitions,
+    group_name="mining",
+    kinds={"parquet", "huggingface"},
+    description="The split's known (query, document) positives: normalized, de-duplicated, keyed by text hash.",
+)
+def source_pairs(
+    context: dg.AssetExecutionContext, lake: LakeResource, source_data: SourceDataResource
+) -> dg.MaterializeResult:
+    split = context.partition_key
+    path = lake.source_pairs_path(split)
+    stats = write_source_pairs(source_data.iter_split(split), split, path)
+    if stats.rows_written == 0:
+        raise ValueError(f"split {split!r} produced no usable pairs ({stats.rows_read} read, all empty)")
+    context.log.info(f"{split}: {stats.rows_written} pairs from {source_data.describe(split)}")
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(path)),
+            "origin": source_data.describe(split),
+            "dagster/row_count": stats.rows_written,
+            **stats.as_metadata(),
+        }
+    )
+
+
+class MiningShardConfig(dg.Config):
+    top_k: int = 5000
+    rrf_k: int = 60
+    nprobe: int = 16
+    nlist: int | None = None
+    exact_search_below: int = 20_000
+
+
+@dg.asset(
+    partitions_def=split_cycle_partitions,
+    deps=[dg.AssetDep(source_pairs, partition_mapping=from_split)],
+    group_name="mining",
+    kinds={"parquet", "faiss"},
+    description=(
+        "Top-K candidates per query: BM25 + dense (base model at c000, previous checkpoint after) in FAISS, "
+        "fused by RRF (k=60), known positives removed."
+    ),
+)
+def mining_shard(
+    context: dg.AssetExecutionContext,
+    config: MiningShardConfig,
+    lake: LakeResource,
+    dense_model: DenseModelResource,
+) -> dg.MaterializeResult:
+    split, cycle = split_and_cycle(context)
+    number = cycle_number(cycle)
+    source = lake.source_pairs_path(split)
+    if not source.exists():
+        raise FileNotFoundError(f"source_pairs for split {split!r} is not materialized ({source} missing)")
+    encoder, why = dense_model.encoder_for_cycle(lake, cycle_key(number - 1) if number > 0 else None)
+    context.log.info(f"dense model: {why}")
+    cache = EmbeddingCache(lake.embedding_cache_dir, encoder.identity)
+    mining_config = MiningConfig(
+        top_k=config.top_k,
+        rrf_k=config.rrf_k,
+        nprobe=config.nprobe,
+        nlist=config.nlist,
+        exact_search_below=config.exact_search_below,
+    )
+    out = lake.candidates_path(split, cycle)
+    report = mine_split(source, out, split, cycle, encoder, cache, mining_config)
+    if report.top_k_effective < report.top_k_requested:
+        context.log.warning(f"top_k {report.top_k_requested} clamped to the corpus size {report.top_k_effective}")
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "dagster/row_count": report.candidates,
+            "dense_model": encoder.identity.name,
+            "dense_model_revision": encoder.identity.revision,
+            "dense_model_choice": why,
+            "documents": report.documents,
+            "queries": report.queries,
+            "known_positives": report.positives,
+            "top_k": report.top_k_effective,
+            "index": f"{report.index_type} nlist={report.nlist} nprobe={report.nprobe}",
+            "documents_over_model_window": report.documents_over_model_window,
+            "recall_at_k_bm25": report.recall_at_k["bm25"],
+            "recall_at_k_dense": report.recall_at_k["dense"],
+            "recall_at_k_rrf": report.recall_at_k["rrf"],
+            "embedding_cache_hits": report.cache_hits,
+            "embedding_cache_misses": report.cache_misses,
+            "seconds": dg.MetadataValue.json({k: round(v, 3) for k, v in report.seconds.items()}),
+            "throughput": dg.MetadataValue.json({k: round(v, 1) for k, v in report.throughput().items()}),
+            "peak_rss_mb": round(report.peak_rss_mb, 1),
+        }
+    )
+
+
+@dg.asset_check(asset=mining_shard, description="No pair_id appears twice and no known positive is a candidate.")
+def mining_shard_is_clean(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> dg.AssetCheckResult:
+    # checks run unpartitioned: inspect every materialized shard
+    shards = sorted(lake.root.glob("mining/*/*/candidates.parquet"))
+    if not shards:
+        return dg.AssetCheckResult(passed=False, metadata={"reason": "no shard materialized yet"})
+    duplicates = positives = 0
+    for shard in shards:
+        split = shard.parent.parent.name
+        source = lake.source_pairs_path(split)
+        con = duckdb.connect()
+        duplicates += con.execute(
+            "SELECT count(*) - count(DISTINCT pair_id) FROM read_parquet(?)", [str(shard)]
+        ).fetchone()[0]
+        positives += con.execute(
+            "SELECT count(*) FROM read_parquet(?) c JOIN read_parquet(?) s USING (query_id, doc_id)",
+            [str(shard), str(source)],
+        ).fetchone()[0]
+        con.close()
+    return dg.AssetCheckResult(
+        passed=duplicates == 0 and positives == 0,
+        metadata={"shards": len(shards), "duplicate_pair_ids": duplicates, "known_positives_as_candidates": positives},
+    )
+
+
+# one job per partitioning: Dagster runs a job over a single partitions definition
+source_pairs_job = dg.define_asset_job(
+    "source_pairs_job",
+    selection=dg.AssetSelection.assets(source_pairs),
+    partitions_def=split_partitions,
+    description="Load and normalize a split's source pairs.",
+)
+mining_job = dg.define_asset_job(
+    "mining_job",
+    selection=dg.AssetSelection.assets(mining_shard),
+    partitions_def=split_cycle_partitions,
+    description="Mine a split's candidates for one cycle (needs source_pairs of the split).",
+)

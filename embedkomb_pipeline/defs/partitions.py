@@ -1,0 +1,35 @@
+"""split × cycle partitions. Read parts with keys_by_dimension, never by splitting the key string."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from embedkomb_pipeline.settings import hub_splits
+from embedkomb_pipeline.sources import SAMPLE_SPLITS
+
+CYCLE_PARTITIONS_NAME = "cycle"
+
+split_partitions = dg.StaticPartitionsDefinition(sorted(SAMPLE_SPLITS) + sorted(set(hub_splits()) - set(SAMPLE_SPLITS)))
+cycle_partitions = dg.DynamicPartitionsDefinition(name=CYCLE_PARTITIONS_NAME)
+split_cycle_partitions = dg.MultiPartitionsDefinition({"split": split_partitions, "cycle": cycle_partitions})
+
+# a split × cycle asset reads the split-only asset of its own split
+from_split = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="split")
+
+
+def cycle_key(number: int) -> str:
+    """c000, c001, …: zero-padded so that keys sort in cycle order."""
+    if number < 0:
+        raise ValueError(f"cycle numbers start at 0, got {number}")
+    return f"c{number:03d}"
+
+
+def cycle_number(key: str) -> int:
+    if len(key) < 2 or key[0] != "c" or not key[1:].isdigit():
+        raise ValueError(f"cycle keys look like c000, c001, …; got {key!r}")
+    return int(key[1:])
+
+
+def split_and_cycle(context: dg.AssetExecutionContext) -> tuple[str, str]:
+    keys = context.partition_key.keys_by_dimension  # type: ignore[union-attr]
+    return keys["split"], keys["cycle"]

@@ -111,13 +111,20 @@ def _credentials(server: str, json_mode: bool) -> auth.Credentials:
     return creds
 
 
-@app.callback()
-def _main(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         print(_annotator_version())
         raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Label Embed Kombinat's candidate pairs with a local LLM."""
 
 
 # --- sign-in ------------------------------------------------------------------------------------------

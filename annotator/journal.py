@@ -69,7 +69,8 @@ def journal_path(data_dir: Path, server: str, contributor_id: str) -> Path:
 
 
 class Journal:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | str) -> None:
+        path = Path(path)
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._lock(path.with_suffix(".lock"))

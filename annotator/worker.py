@@ -138,10 +138,10 @@ class Worker:
                 self.reporter.info(f"resubmitting {batch.labeled} labels saved by an earlier run")
             try:
                 self._flush(batch.batch_id, batch.model)
-            except (LeaseLost, ApiError) as exc:
-                # 409 (lease expired) or 403 (the pairs went to someone else while we were down): the batch
-                # is gone; keeping it would block every later start.
-                if not isinstance(exc, LeaseLost) and exc.status != 403:
+            except ApiError as exc:
+                # 409 (lease expired), 403 (its pairs went to someone else while we were down) or 404
+                # (kombinat forgot the batch): it is gone for good; keeping it would block every later start.
+                if exc.status not in (403, 404, 409):
                     raise
                 self._drop(batch.batch_id, exc)
                 continue

@@ -63,16 +63,14 @@ def _find(root: Path, stem: str) -> Path:
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for every non-blank line; bad lines raise DataFormatError naming the line."""
-    with _open_text(path) as handle:
-        line_no = 0
-        while True:
-            line_no += 1
+    # bytes per line, decoded here: a text wrapper decodes in blocks and would blame the wrong line
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
             try:
-                line = handle.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataFormatError(f"{path}:{line_no}: invalid UTF-8 ({exc.reason})") from exc
-            if not line:
-                return
+                raise DataFormatError(f"{path}:{line_no}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from exc
             if not line.strip():
                 continue
             try:

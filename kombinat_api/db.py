@@ -17,7 +17,10 @@ def make_engine(database_url: str, pool_size: int = 8, max_overflow: int = 4) ->
         database_url,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,
+        # No pre-ping: it would add a round trip to every checkout (two per request); connections that
+        # died are recycled instead and a request that meets one fails once, cleanly.
+        pool_pre_ping=False,
+        pool_recycle=1800,
         # The whole server speaks short explicit transactions; psycopg prepares statements that a pooled
         # connection runs repeatedly (the claim and submit CTEs), which saves their planning time.
         connect_args={"prepare_threshold": 3},

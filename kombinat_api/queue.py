@@ -140,18 +140,18 @@ WITH m AS (
 ), leased AS (
     UPDATE pair p SET state = 'leased', lease_batch_id = %(bid)s,
                       lease_expires_at = now() + make_interval(secs => %(lease)s)
-    FROM picked WHERE p.pair_id = picked.pair_id
+    -- = ANY(ARRAY(...)) pins the plan to primary-key probes; a join here drifts into a scan of the table
+    WHERE p.pair_id = ANY(ARRAY(SELECT pair_id FROM picked))
     RETURNING p.pair_id
 ), hpi AS (
     INSERT INTO batch_honeypot (batch_id, pair_id, contributor_id)
     SELECT %(bid)s, pair_id, %(cid)s FROM hp
 )
-SELECT (SELECT tier FROM m) AS tier,
-       coalesce((SELECT expires_at FROM nb), now() + make_interval(secs => %(lease)s)) AS expires_at,
-       c.pair_id, c.query, c.document
-FROM (SELECT 1) one
-LEFT JOIN (SELECT pair_id FROM leased UNION ALL SELECT pair_id FROM hp) x ON true
-LEFT JOIN pair_content c ON c.pair_id = x.pair_id
+SELECT h.tier, h.expires_at, c.pair_id, c.query, c.document
+FROM (SELECT (SELECT tier FROM m) AS tier,
+             coalesce((SELECT expires_at FROM nb), now() + make_interval(secs => %(lease)s)) AS expires_at) h
+LEFT JOIN pair_content c
+    ON c.pair_id = ANY(ARRAY(SELECT pair_id FROM leased UNION ALL SELECT pair_id FROM hp))
 ORDER BY c.pair_id
 """
 

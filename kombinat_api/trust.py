@@ -89,7 +89,7 @@ WITH lab AS (
     JOIN contributor c ON c.id = l.contributor_id
     JOIN pair p ON p.pair_id = l.pair_id
     LEFT JOIN honeypot h ON h.pair_id = l.pair_id
-    WHERE l.contributor_id = %(cid)s
+    WHERE l.batch_id IN (SELECT batch_id FROM batch WHERE contributor_id = %(cid)s)
 )
 SELECT
     count(*) FILTER (WHERE is_honeypot) AS hp_total,
@@ -116,7 +116,10 @@ UPDATE contributor SET reputation = %(rep)s, good_standing = %(good)s, trusted =
 WHERE id = %(cid)s
 """
 
-CONTRIBUTOR_PAIRS_SQL = "SELECT pair_id FROM label WHERE contributor_id = %(cid)s AND NOT is_honeypot"
+CONTRIBUTOR_PAIRS_SQL = """
+SELECT pair_id FROM label
+WHERE batch_id IN (SELECT batch_id FROM batch WHERE contributor_id = %(cid)s) AND NOT is_honeypot
+"""
 
 
 def refresh(conn: Connection, contributor_id: int, settings: Settings) -> Reputation | None:

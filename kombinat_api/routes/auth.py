@@ -72,7 +72,8 @@ def device_poll(body: DevicePollRequest, request: Request) -> DevicePollResponse
 def me(request: Request, principal: Principal = Depends(current_principal)) -> MeResponse:
     with engine_of(request).connect() as conn:
         row = conn.exec_driver_sql(
-            """SELECT c.reputation, c.trusted, (SELECT count(*) FROM label l WHERE l.contributor_id = c.id)
+            """SELECT c.reputation, c.trusted,
+                      (SELECT coalesce(sum(n_labeled), 0) FROM batch b WHERE b.contributor_id = c.id)
                FROM contributor c WHERE c.id = %(c)s""",
             {"c": principal.contributor_id},
         ).one()

@@ -40,6 +40,12 @@ def drop_database(name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def migrate_database(url: str) -> None:
+    from kombinat_api.db import migrate as run_migrations
+
+    run_migrations(url)
+
+
 @contextmanager
 def fresh_database(prefix: str = "kombinat_test", migrate: bool = True) -> Iterator[str]:
     """Yield the SQLAlchemy URL of a new, migrated database; drop it on exit."""
@@ -47,9 +53,7 @@ def fresh_database(prefix: str = "kombinat_test", migrate: bool = True) -> Itera
     url = sqlalchemy_url(name)
     try:
         if migrate:
-            from kombinat_api.db import migrate as run_migrations
-
-            run_migrations(url)
+            migrate_database(url)
         yield url
     finally:
         drop_database(name)

@@ -93,12 +93,14 @@ CREATE TABLE pair (
     created_at timestamptz NOT NULL DEFAULT now(),
     resolved_at timestamptz
 ) WITH (fillfactor = 80);
+-- Claim and submit rewrite pair rows all the time and every rewrite adds an entry to each index whose
+-- predicate the new row meets, so the table carries only the indexes those two statements need
+-- (statistics scan the table instead).
 -- The claim walks this from the top: only claimable rows are in it, hardest (highest priority) first.
 CREATE INDEX pair_queue ON pair (tier DESC, priority DESC) WHERE state = 'queued';
 -- Expired leases are found through their initial expiry, oldest first.
 CREATE INDEX pair_lease_expiry ON pair (lease_expires_at) WHERE state = 'leased';
 CREATE INDEX pair_lease_batch ON pair (lease_batch_id) WHERE lease_batch_id IS NOT NULL;
-CREATE INDEX pair_split_cycle ON pair (split, cycle, status);
 CREATE INDEX pair_verified ON pair (split, cycle, pair_id) WHERE status = 'verified';
 
 CREATE TABLE pair_content (
@@ -165,7 +167,7 @@ CREATE TABLE label (
     created_at timestamptz NOT NULL DEFAULT now(),
     UNIQUE (pair_id, contributor_id)
 );
-CREATE INDEX label_contributor ON label (contributor_id);
+-- Per-contributor questions (reputation) go through the contributor's batches, not a separate index.
 CREATE INDEX label_batch ON label (batch_id);
 CREATE INDEX label_export ON label (xact, label_id);
 CREATE INDEX label_created ON label USING brin (created_at);

@@ -1,0 +1,478 @@
+"""Benchmark of kombinat's work queue, end to end over HTTP and for the bare claim statement.
+
+    flock /tmp/embedkomb-bench.lock .venv/bin/python bench/queue.py [--pairs 200000 --annotators 64 ...]
+
+1. Makes its own fresh database on the local PostgreSQL, migrates it, starts kombinat under uvicorn with
+   several workers on a free loopback port.
+2. Enqueues the pairs through the admin API (bulk, 50k per call) and loads honeypots.
+3. Drives simulated annotators (one asyncio task each, async httpx) that claim batches and submit labels in
+   chunks of 50 until the queue is drained (every pair verified). Verdicts are a deterministic function of
+   the pair plus a little noise, so most pairs verify after two labels and some need a third; honeypots are
+   answered correctly (a competent model).
+4. Prints sustained labels/s, claims/s, p50/p99 latency of claim and submit, and checks that every accepted
+   label is stored exactly once, that nothing was lost, and that no pair was ever leased to two batches at
+   once (a pair's next lease is only handed out after the previous lease's label was sent).
+5. In the same run, measures the bare claim (and submit) statements through psycopg, with no HTTP, as the
+   ceiling.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file is named like the standard library's `queue`; keep its folder off the import path so that
+# `import queue` elsewhere (asyncio, concurrent.futures, httpx) gets the real one.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _here]
+sys.path.insert(0, os.path.dirname(_here))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import hashlib  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+try:
+    import sniffio  # noqa: F401
+except ImportError:
+    # httpcore tries `import sniffio` on every request; without the package each miss rescans sys.path
+    # (it was ~15 % of the load generator's CPU). Caching the miss keeps the generator's CPU for load.
+    sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+import httpx  # noqa: E402
+import psycopg  # noqa: E402
+
+from kombinat_api import queue as kq  # noqa: E402
+from kombinat_api.auth import issue_token  # noqa: E402
+from kombinat_api.db import make_engine  # noqa: E402
+from tests.support.kombinat_server import (  # noqa: E402
+    TEST_MODEL,
+    bearer,
+    make_admin_token,
+    model_info,
+    start_server,
+    stop_server,
+)
+from tests.support.postgres import create_database, drop_database, migrate_database  # noqa: E402
+
+CHUNK = 50
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def truth(pair_id: str) -> bool:
+    return hashlib.blake2b(pair_id.encode(), digest_size=1).digest()[0] < 128
+
+
+@dataclass
+class Stats:
+    claim_lat: list[float] = field(default_factory=list)
+    submit_lat: list[float] = field(default_factory=list)
+    claims: int = 0
+    empty_claims: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # (pair_id, contributor) of every accepted label, as the client saw it
+    sent: set[tuple[str, int]] = field(default_factory=set)
+    # pair_id -> [(claim_received, label_sent)] per lease
+    leases: dict[str, list[list[float]]] = field(default_factory=lambda: defaultdict(list))
+    label_times: list[float] = field(default_factory=list)
+
+
+async def annotator(
+    url: str,
+    cid: int,
+    token: str,
+    gold: dict[str, bool],
+    batch_size: int,
+    noise: float,
+    stats: Stats,
+    drained: asyncio.Event,
+    queue_open: Any,
+    seed: int,
+) -> None:
+    # One client (one keep-alive connection) per annotator, as separate volunteer machines would have; a
+    # single shared pool also costs httpcore time quadratic in its number of connections.
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        await _annotate(http, cid, token, gold, batch_size, noise, stats, drained, queue_open, seed)
+
+
+async def _annotate(
+    http: httpx.AsyncClient,
+    cid: int,
+    token: str,
+    gold: dict[str, bool],
+    batch_size: int,
+    noise: float,
+    stats: Stats,
+    drained: asyncio.Event,
+    queue_open: Any,
+    seed: int,
+) -> None:
+    rng = random.Random(seed)
+    headers = bearer(token)
+    model = model_info()
+    while not drained.is_set():
+        t0 = time.perf_counter()
+        resp = await http.post(
+            "/api/v1/batches/claim", json={"size": batch_size, "model": model}, headers=headers
+        )
+        t1 = time.perf_counter()
+        stats.claim_lat.append(t1 - t0)
+        if resp.status_code != 200:
+            stats.errors[f"claim {resp.status_code}"] += 1
+            await asyncio.sleep(0.05)
+            continue
+        batch = resp.json()
+        stats.claims += 1
+        pairs = batch["pairs"]
+        if not pairs:
+            stats.empty_claims += 1
+            if not await queue_open():
+                drained.set()
+                return
+            await asyncio.sleep(0.05)
+            continue
+        # Honeypots are shown to many contributors at once by design; leases are about ordinary pairs.
+        for p in pairs:
+            if p["pair_id"] not in gold:
+                stats.leases[p["pair_id"]].append([t1, float("inf")])
+        for i in range(0, len(pairs), CHUNK):
+            chunk = pairs[i : i + CHUNK]
+            labels = []
+            for p in chunk:
+                pid = p["pair_id"]
+                verdict = gold[pid] if pid in gold else truth(pid) ^ (rng.random() < noise)
+                labels.append(
+                    {"pair_id": pid, "relevant": verdict, "p_relevant": 0.9 if verdict else 0.1, "grade": None,
+                     "truncated": False, "seconds": 0.3}
+                )  # fmt: skip
+            ts = time.perf_counter()
+            for p in chunk:
+                if p["pair_id"] not in gold:
+                    stats.leases[p["pair_id"]][-1][1] = ts
+            r = await http.post(
+                f"/api/v1/batches/{batch['batch_id']}/labels",
+                json={"model": model, "labels": labels},
+                headers=headers,
+            )
+            te = time.perf_counter()
+            stats.submit_lat.append(te - ts)
+            if r.status_code != 200:
+                stats.errors[f"submit {r.status_code}: {r.text[:100]}"] += 1
+                continue
+            body = r.json()
+            stats.accepted += body["accepted"]
+            stats.duplicates += body["duplicates"]
+            stats.label_times.extend([te] * body["accepted"])
+            for p in chunk:
+                stats.sent.add((p["pair_id"], cid))
+
+
+def bare_ceiling(
+    database_url: str, n_pairs: int, batch_size: int, threads: int, seconds: float
+) -> dict[str, Any]:
+    """The claim and submit statements straight through psycopg: no HTTP, no FastAPI, no JSON."""
+    dsn = database_url.replace("postgresql+psycopg://", "postgresql://")
+    engine = make_engine(database_url, threads + 1, 0)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE pair SET state = 'done' WHERE state IN ('queued', 'leased')")
+        kq.enqueue_pairs(
+            conn,
+            [
+                {"pair_id": uuid.uuid4(), "query": f"ceiling query {i}", "document": "d" * 300, "split": "ceiling",
+                 "cycle": "c000", "priority": random.random()}
+                for i in range(n_pairs)
+            ],
+        )  # fmt: skip
+        cids = [
+            conn.exec_driver_sql(
+                "INSERT INTO contributor (login, trusted) VALUES (%(l)s, true) RETURNING id",
+                {"l": f"ceiling{i}"},
+            ).scalar_one()
+            for i in range(threads)
+        ]
+    engine.dispose()
+    model = model_info()
+    claim_lat: list[float] = []
+    submit_lat: list[float] = []
+    counts = {"claims": 0, "pairs": 0, "labels": 0}
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def worker(cid: int) -> None:
+        with psycopg.connect(dsn, prepare_threshold=1) as conn:
+            while time.perf_counter() < deadline:
+                bid = uuid.uuid4()
+                t0 = time.perf_counter()
+                with conn.transaction():
+                    rows = conn.execute(
+                        kq.CLAIM_SQL,
+                        {**model, "cid": cid, "n": batch_size, "hp_expected": batch_size * 0.07, "bid": bid,
+                         "lease": 900.0},
+                    ).fetchall()  # fmt: skip
+                t1 = time.perf_counter()
+                pairs = [r[2] for r in rows if r[2] is not None]
+                with lock:
+                    claim_lat.append(t1 - t0)
+                    counts["claims"] += 1
+                    counts["pairs"] += len(pairs)
+                if not pairs:
+                    return
+                for i in range(0, len(pairs), CHUNK):
+                    chunk = pairs[i : i + CHUNK]
+                    t2 = time.perf_counter()
+                    with conn.transaction():
+                        conn.execute(
+                            kq.SUBMIT_SQL,
+                            {"ids": chunk, "relevant": [True] * len(chunk), "p": [0.9] * len(chunk),
+                             "grade": [None] * len(chunk), "truncated": [False] * len(chunk),
+                             "seconds": [0.1] * len(chunk), "bid": bid, "cid": cid, **model, "lease": 900.0,
+                             "min_agree": 0.66, "max_per_tier": 3, "max_tier": 1},
+                        ).fetchall()  # fmt: skip
+                    with lock:
+                        submit_lat.append(time.perf_counter() - t2)
+                        counts["labels"] += len(chunk)
+
+    start = time.perf_counter()
+    ts = [threading.Thread(target=worker, args=(cid,)) for cid in cids]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    elapsed = time.perf_counter() - start
+    return {
+        "threads": threads,
+        "elapsed_s": round(elapsed, 2),
+        "claims_per_s": round(counts["claims"] / elapsed, 1),
+        "pairs_leased_per_s": round(counts["pairs"] / elapsed, 1),
+        "labels_per_s": round(counts["labels"] / elapsed, 1),
+        "claim_p50_ms": round(pct(claim_lat, 0.5) * 1000, 2),
+        "claim_p99_ms": round(pct(claim_lat, 0.99) * 1000, 2),
+        "submit_p50_ms": round(pct(submit_lat, 0.5) * 1000, 2),
+        "submit_p99_ms": round(pct(submit_lat, 0.99) * 1000, 2),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=200_000)
+    ap.add_argument("--annotators", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--workers", type=int, default=3, help="uvicorn worker processes")
+    ap.add_argument("--honeypots", type=int, default=3000)
+    ap.add_argument("--noise", type=float, default=0.02, help="share of ordinary verdicts flipped at random")
+    ap.add_argument("--ceiling-pairs", type=int, default=100_000)
+    ap.add_argument("--ceiling-threads", type=int, default=4)
+    ap.add_argument("--ceiling-seconds", type=float, default=20.0)
+    ap.add_argument("--keep-db", action="store_true")
+    ap.add_argument("--json-out", default="")
+    args = ap.parse_args()
+
+    dbname = create_database("kombinat_bench")
+    database_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}"
+    dsn = f"postgresql://postgres@127.0.0.1:5432/{dbname}"
+    proc = None
+    try:
+        migrate_database(database_url)
+        env = {
+            "KOMBINAT_RATE_LIMIT_PER_MINUTE": "100000",
+            "KOMBINAT_ADMIN_RATE_LIMIT_PER_MINUTE": "100000",
+            "KOMBINAT_DB_POOL_SIZE": "12",
+            "KOMBINAT_LEASE_SECONDS": "600",
+        }
+        proc, url = start_server(database_url, workers=args.workers, env=env)
+        admin = bearer(make_admin_token(database_url, "bench"))
+        http = httpx.Client(base_url=url, timeout=120)
+        http.put("/api/v1/admin/models", json={"models": [TEST_MODEL]}, headers=admin).raise_for_status()
+
+        # Enqueue through the API, in the pipeline's bulk shape.
+        rng = random.Random(0)
+        t0 = time.perf_counter()
+        for start in range(0, args.pairs, 50_000):
+            pairs = [
+                {"pair_id": str(uuid.uuid4()), "query": f"what is topic {i} about {rng.random():.6f}",
+                 "document": f"Document {i}: " + "lorem ipsum dolor sit amet " * 10, "split": "bench",
+                 "cycle": "c000", "priority": rng.random()}
+                for i in range(start, min(args.pairs, start + 50_000))
+            ]  # fmt: skip
+            r = http.post("/api/v1/admin/pairs", json={"pairs": pairs}, headers=admin)
+            r.raise_for_status()
+        enqueue_s = time.perf_counter() - t0
+        gold_rows = [
+            {"pair_id": str(uuid.uuid4()), "query": f"gold query {i}", "document": f"gold document {i}",
+             "relevant": i % 2 == 0, "grade": 2 if i % 2 == 0 else 0, "source": "bench"}
+            for i in range(args.honeypots)
+        ]  # fmt: skip
+        if gold_rows:
+            http.post(
+                "/api/v1/admin/honeypots", json={"honeypots": gold_rows}, headers=admin
+            ).raise_for_status()
+        gold = {g["pair_id"]: g["relevant"] for g in gold_rows}
+        print(f"enqueued {args.pairs} pairs in {enqueue_s:.1f} s ({args.pairs / enqueue_s:,.0f} pairs/s), "
+              f"{len(gold)} honeypots; server: {args.workers} uvicorn workers at {url}")  # fmt: skip
+
+        engine = make_engine(database_url, 2, 0)
+        with engine.begin() as conn:
+            annotators = []
+            for i in range(args.annotators):
+                cid = conn.exec_driver_sql(
+                    "INSERT INTO contributor (github_id, login, trusted) VALUES (%(g)s, %(l)s, true) RETURNING id",
+                    {"g": 900_000 + i, "l": f"bench{i}"},
+                ).scalar_one()
+                annotators.append((cid, issue_token(conn, cid, False, f"bench{i}")))
+        engine.dispose()
+
+        check_conn = psycopg.connect(dsn, autocommit=True)
+        check_lock = asyncio.Lock()
+
+        async def queue_open() -> bool:
+            async with check_lock:
+                row = check_conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM pair WHERE state = 'queued') "
+                    "OR EXISTS (SELECT 1 FROM pair WHERE state = 'leased')"
+                ).fetchone()
+            return bool(row and row[0])
+
+        stats = Stats()
+
+        async def drive() -> float:
+            drained = asyncio.Event()
+            t_start = time.perf_counter()
+            await asyncio.gather(
+                *[
+                    annotator(url, cid, tok, gold, args.batch_size, args.noise, stats, drained, queue_open, i)
+                    for i, (cid, tok) in enumerate(annotators)
+                ]
+            )
+            return time.perf_counter() - t_start
+
+        print(f"driving {args.annotators} annotators, batches of {args.batch_size}, chunks of {CHUNK} ...")
+        elapsed = asyncio.run(drive())
+        stop_server(proc)
+        proc = None
+
+        # Sustained rate: labels per 5 s window, excluding the ramp-up and the drain-out tail.
+        t_first = min(stats.label_times) if stats.label_times else 0.0
+        windows: dict[int, int] = defaultdict(int)
+        for t in stats.label_times:
+            windows[int((t - t_first) // 5)] += 1
+        per_window = [windows[k] / 5 for k in sorted(windows)]
+        core = per_window[1:-2] if len(per_window) > 4 else per_window
+        sustained = statistics.median(core) if core else 0.0
+
+        # Server-side truth.
+        with psycopg.connect(dsn) as conn:
+            stored = conn.execute("SELECT count(*) FROM label").fetchone()[0]
+            distinct = conn.execute("SELECT count(DISTINCT (pair_id, contributor_id)) FROM label").fetchone()[
+                0
+            ]
+            db_pairs = {
+                (str(p), c) for p, c in conn.execute("SELECT pair_id, contributor_id FROM label").fetchall()
+            }
+            states = dict(conn.execute("SELECT state, count(*) FROM pair GROUP BY state").fetchall())
+            statuses = dict(
+                conn.execute(
+                    "SELECT status, count(*) FROM pair WHERE NOT is_honeypot GROUP BY status"
+                ).fetchall()
+            )
+            labels_per_pair = dict(
+                conn.execute(
+                    "SELECT n, count(*) FROM (SELECT pair_id, count(*) n FROM label WHERE NOT is_honeypot "
+                    "GROUP BY pair_id) s GROUP BY n ORDER BY n"
+                ).fetchall()
+            )
+            quarantined = conn.execute("SELECT count(*) FROM batch WHERE quarantined").fetchone()[0]
+
+        # A pair's leases must not overlap: each lease must have sent its label before the next one began,
+        # and every lease of an ordinary pair ended in a stored label (nothing expired or was lost here).
+        overlaps = 0
+        unlabeled_leases = 0
+        for leases in stats.leases.values():
+            leases.sort()
+            for prev, nxt in itertools.pairwise(leases):
+                if not nxt[0] > prev[1]:
+                    overlaps += 1
+            unlabeled_leases += sum(1 for lease in leases if lease[1] == float("inf"))
+        ordinary_leases = sum(len(v) for v in stats.leases.values())
+
+        checks = {
+            "labels stored == labels accepted": stored == stats.accepted,
+            "no (pair, contributor) stored twice": distinct == stored,
+            "every accepted label is stored": stats.sent <= db_pairs and len(stats.sent) == stats.accepted,
+            "no pair leased twice at once": overlaps == 0,
+            "every lease ended in a label": unlabeled_leases == 0,
+            "queue drained": states.get("queued", 0) == 0 and states.get("leased", 0) == 0,
+            "no failed requests": not stats.errors,
+        }
+        result = {
+            "pairs": args.pairs,
+            "annotators": args.annotators,
+            "batch_size": args.batch_size,
+            "chunk": CHUNK,
+            "uvicorn_workers": args.workers,
+            "elapsed_s": round(elapsed, 1),
+            "labels_accepted": stats.accepted,
+            "labels_per_s_mean": round(stats.accepted / elapsed, 1),
+            "labels_per_s_sustained_median_5s": round(sustained, 1),
+            "labels_per_s_5s_windows": [round(x) for x in per_window],
+            "claims": stats.claims,
+            "claims_per_s": round(stats.claims / elapsed, 1),
+            "empty_claims": stats.empty_claims,
+            "claim_p50_ms": round(pct(stats.claim_lat, 0.5) * 1000, 1),
+            "claim_p99_ms": round(pct(stats.claim_lat, 0.99) * 1000, 1),
+            "submit_p50_ms": round(pct(stats.submit_lat, 0.5) * 1000, 1),
+            "submit_p99_ms": round(pct(stats.submit_lat, 0.99) * 1000, 1),
+            "duplicates_reported": stats.duplicates,
+            "ordinary_leases": ordinary_leases,
+            "pair_states": states,
+            "pair_statuses": statuses,
+            "labels_per_pair": labels_per_pair,
+            "quarantined_batches": quarantined,
+            "errors": dict(stats.errors),
+            "checks": checks,
+        }
+        print(json.dumps(result, indent=2))
+        print("measuring the bare claim/submit statements through psycopg (no HTTP) ...")
+        ceiling = bare_ceiling(
+            database_url, args.ceiling_pairs, args.batch_size, args.ceiling_threads, args.ceiling_seconds
+        )
+        result["ceiling_psycopg"] = ceiling
+        print(json.dumps({"ceiling_psycopg": ceiling}, indent=2))
+        print(
+            f"\nSUMMARY: {result['labels_per_s_sustained_median_5s']:,} labels/s sustained "
+            f"({result['labels_per_s_mean']:,} mean over {elapsed:.0f} s), {result['claims_per_s']} claims/s, "
+            f"claim p50/p99 {result['claim_p50_ms']}/{result['claim_p99_ms']} ms, "
+            f"submit p50/p99 {result['submit_p50_ms']}/{result['submit_p99_ms']} ms; "
+            f"ceiling (psycopg, {ceiling['threads']} threads): {ceiling['claims_per_s']} claims/s, "
+            f"{ceiling['labels_per_s']:,} labels/s, claim p99 {ceiling['claim_p99_ms']} ms; "
+            f"checks {'all passed' if all(checks.values()) else 'FAILED: ' + str(checks)}"
+        )
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0 if all(checks.values()) else 1
+    finally:
+        if proc is not None:
+            stop_server(proc)
+        if not args.keep_db:
+            drop_database(dbname)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

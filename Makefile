@@ -9,6 +9,8 @@ STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 export EMBEDKOMB_DATA_DIR ?= $(abspath ../shared/data)
 export DAGSTER_HOME ?= $(abspath .dagster_home)
+# psycopg2 named explicitly: SQLAlchemy 2.1 defaults to psycopg 3, which dagster-postgres' NOTIFY cannot use
+export DAGSTER_POSTGRES_URL ?= postgresql+psycopg2://postgres@127.0.0.1:5432/embedkomb_dagster
 
 .PHONY: install demo test ui lint bench-mining postgres clean models models-tiny
 
@@ -28,16 +30,14 @@ postgres:
 	@bash scripts/ensure-postgres.sh
 
 demo: $(STAMP) postgres
-	@mkdir -p $(DAGSTER_HOME)
 	$(PY) -m embedkomb_pipeline.demo
 
-test: $(STAMP) postgres
-	@mkdir -p $(DAGSTER_HOME)
+# pytest exits 5 when it collects no test: make treats that as the failure it is
+test: $(STAMP) postgres models-tiny
 	$(PY) -m pytest
 
 ui: $(STAMP) postgres
-	@mkdir -p $(DAGSTER_HOME)
-	cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml 2>/dev/null || true
+	$(PY) -c "from embedkomb_pipeline.instance import project_instance; project_instance()"
 	$(VENV)/bin/dagster dev -w workspace.yaml
 
 lint: $(STAMP)

@@ -31,7 +31,9 @@ def fingerprint_model_dir(path: Path) -> str:
     Two folders with the same weights share cache entries; retraining in place changes the fingerprint.
     """
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".bin", ".json", ".txt"})
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".bin", ".json", ".txt"}
+    )
     if not files:
         raise FileNotFoundError(f"{path} holds no model files (.safetensors/.bin and configs)")
     for file in files:
@@ -86,7 +88,9 @@ class DenseEncoder:
     ) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # a per-load "Loading weights" bar clutters every log
         self.path = Path(model_path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"embedding model folder {self.path} does not exist")
@@ -113,7 +117,11 @@ class DenseEncoder:
 
     def count_over_window(self, texts: list[str], chunk: int = 4096) -> int:
         """How many texts exceed the model's window and so are embedded from their first max_tokens only."""
+        from transformers.utils import logging as transformers_logging
+
         tokenizer = self.model.tokenizer
+        # untruncated lengths are the point here; the "longer than the maximum" warning is noise
+        transformers_logging.set_verbosity_error()
         over = 0
         for start in range(0, len(texts), chunk):
             encoded = tokenizer(texts[start : start + chunk], add_special_tokens=True, truncation=False)
@@ -191,7 +199,9 @@ class EmbeddingCache:
         tmp.replace(self.directory / name)
         self.stats.shards_written.append(name)
 
-    def embed(self, encoder: DenseEncoder, texts: list[str], hashes: list[str], show_progress: bool = False) -> np.ndarray:
+    def embed(
+        self, encoder: DenseEncoder, texts: list[str], hashes: list[str], show_progress: bool = False
+    ) -> np.ndarray:
         """Embeddings for texts, computing (and caching) only those this model has not embedded before."""
         if encoder.identity != self.identity:
             raise ValueError(f"cache for {self.identity.cache_key} cannot serve {encoder.identity.cache_key}")

@@ -91,7 +91,11 @@ class MiningReport:
 
     def throughput(self) -> dict[str, float]:
         """documents/s for indexing and embedding stages, queries/s for search stages."""
-        per_doc = {"bm25_index": self.documents, "embed_documents": self.documents, "dense_index": self.documents}
+        per_doc = {
+            "bm25_index": self.documents,
+            "embed_documents": self.documents,
+            "dense_index": self.documents,
+        }
         per_query = {
             "bm25_search": self.queries,
             "embed_queries": self.queries,
@@ -135,7 +139,9 @@ class _Corpus:
     """The split's unique documents and queries, in a deterministic order, plus query → positive docs."""
 
     def __init__(self, source_pairs: Path) -> None:
-        pairs = pl.read_parquet(source_pairs, columns=["query_id", "doc_id", "query", "document", "source_dataset"])
+        pairs = pl.read_parquet(
+            source_pairs, columns=["query_id", "doc_id", "query", "document", "source_dataset"]
+        )
         if pairs.height == 0:
             raise ValueError(f"{source_pairs} holds no source pairs: nothing to mine")
         docs = pairs.select("doc_id", "document").unique(subset="doc_id", keep="first").sort("doc_id")
@@ -149,7 +155,9 @@ class _Corpus:
         self.query_ids: list[str] = queries["query_id"].to_list()
         self.queries: list[str] = queries["query"].to_list()
         self.query_datasets: list[str] = queries["source_dataset"].to_list()
-        doc_index = pl.DataFrame({"doc_id": self.doc_ids, "doc_idx": np.arange(len(self.doc_ids), dtype=np.int64)})
+        doc_index = pl.DataFrame(
+            {"doc_id": self.doc_ids, "doc_idx": np.arange(len(self.doc_ids), dtype=np.int64)}
+        )
         query_index = pl.DataFrame(
             {"query_id": self.query_ids, "query_idx": np.arange(len(self.query_ids), dtype=np.int64)}
         )

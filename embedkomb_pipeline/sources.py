@@ -50,7 +50,11 @@ class SampleSplit:
 SAMPLE_SPLITS: dict[str, SampleSplit] = {
     s.name: s
     for s in (
-        SampleSplit("scifact_title_abstract", "scifact", "SciFact paper titles → abstracts (like s2orc_title_abstract)"),
+        SampleSplit(
+            "scifact_title_abstract",
+            "scifact",
+            "SciFact paper titles → abstracts (like s2orc_title_abstract)",
+        ),
         SampleSplit("nfcorpus_title_abstract", "nfcorpus", "NFCorpus article titles → texts (medical)"),
     )
 }
@@ -145,7 +149,9 @@ def iter_hub_split(
         parquet = pq.ParquetFile(fetch(name))
         missing = {"query", "document"} - set(parquet.schema_arrow.names)
         if missing:
-            raise ValueError(f"{name}: missing column(s) {sorted(missing)}; found {parquet.schema_arrow.names}")
+            raise ValueError(
+                f"{name}: missing column(s) {sorted(missing)}; found {parquet.schema_arrow.names}"
+            )
         columns = ["query", "document"] + (["dataset"] if "dataset" in parquet.schema_arrow.names else [])
         for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
             data = record_batch.to_pydict()
@@ -167,7 +173,9 @@ def write_source_pairs(raw_batches: Iterable[RawBatch], split: str, out_path: Pa
         with pq.ParquetWriter(spill, SOURCE_PAIRS_SCHEMA) as writer:
             for batch in raw_batches:
                 columns: dict[str, list[str]] = {name: [] for name in SOURCE_PAIRS_SCHEMA.names}
-                for query, document, dataset in zip(batch["query"], batch["document"], batch["dataset"], strict=True):
+                for query, document, dataset in zip(
+                    batch["query"], batch["document"], batch["dataset"], strict=True
+                ):
                     stats.rows_read += 1
                     query_n = normalize_text(query or "")
                     document_n = normalize_text(document or "")
@@ -189,11 +197,15 @@ def write_source_pairs(raw_batches: Iterable[RawBatch], split: str, out_path: Pa
         )
         tmp_out = Path(tmp) / "out.parquet"
         deduplicated.sink_parquet(tmp_out)
-        counts = pl.scan_parquet(tmp_out).select(
-            pl.len().alias("rows"),
-            pl.col("query_id").n_unique().alias("queries"),
-            pl.col("doc_id").n_unique().alias("docs"),
-        ).collect()
+        counts = (
+            pl.scan_parquet(tmp_out)
+            .select(
+                pl.len().alias("rows"),
+                pl.col("query_id").n_unique().alias("queries"),
+                pl.col("doc_id").n_unique().alias("docs"),
+            )
+            .collect()
+        )
         tmp_out.replace(out_path)
     stats.rows_written = int(counts["rows"][0])
     stats.unique_queries = int(counts["queries"][0])

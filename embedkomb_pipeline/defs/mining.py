@@ -1,6 +1,5 @@
 """source_pairs (per split) and mining_shard (per split × cycle) with their checks."""
 
-
 import dagster as dg
 import duckdb
 
@@ -85,7 +84,9 @@ def mining_shard(
     out = lake.candidates_path(split, cycle)
     report = mine_split(source, out, split, cycle, encoder, cache, mining_config)
     if report.top_k_effective < report.top_k_requested:
-        context.log.warning(f"top_k {report.top_k_requested} clamped to the corpus size {report.top_k_effective}")
+        context.log.warning(
+            f"top_k {report.top_k_requested} clamped to the corpus size {report.top_k_effective}"
+        )
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),
@@ -111,7 +112,9 @@ def mining_shard(
     )
 
 
-@dg.asset_check(asset=mining_shard, description="No pair_id appears twice and no known positive is a candidate.")
+@dg.asset_check(
+    asset=mining_shard, description="No pair_id appears twice and no known positive is a candidate."
+)
 def mining_shard_is_clean(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> dg.AssetCheckResult:
     # checks run unpartitioned: inspect every materialized shard
     shards = sorted(lake.root.glob("mining/*/*/candidates.parquet"))
@@ -132,7 +135,11 @@ def mining_shard_is_clean(context: dg.AssetCheckExecutionContext, lake: LakeReso
         con.close()
     return dg.AssetCheckResult(
         passed=duplicates == 0 and positives == 0,
-        metadata={"shards": len(shards), "duplicate_pair_ids": duplicates, "known_positives_as_candidates": positives},
+        metadata={
+            "shards": len(shards),
+            "duplicate_pair_ids": duplicates,
+            "known_positives_as_candidates": positives,
+        },
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from embedkomb_pipeline.settings import hub_splits
@@ -9,12 +11,17 @@ from embedkomb_pipeline.sources import SAMPLE_SPLITS
 
 CYCLE_PARTITIONS_NAME = "cycle"
 
-split_partitions = dg.StaticPartitionsDefinition(sorted(SAMPLE_SPLITS) + sorted(set(hub_splits()) - set(SAMPLE_SPLITS)))
+split_partitions = dg.StaticPartitionsDefinition(
+    sorted(SAMPLE_SPLITS) + sorted(set(hub_splits()) - set(SAMPLE_SPLITS))
+)
 cycle_partitions = dg.DynamicPartitionsDefinition(name=CYCLE_PARTITIONS_NAME)
 split_cycle_partitions = dg.MultiPartitionsDefinition({"split": split_partitions, "cycle": cycle_partitions})
 
 # a split × cycle asset reads the split-only asset of its own split
-from_split = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="split")
+with warnings.catch_warnings():
+    # beta since Dagster 1.5 and the documented way to map split × cycle onto split
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    from_split = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="split")
 
 
 def cycle_key(number: int) -> str:

@@ -99,7 +99,9 @@ class DenseModelResource(dg.ConfigurableResource):
 
     def base_encoder(self) -> DenseEncoder:
         path = Path(self.base_model_path) if self.base_model_path else default_base_model_path()
-        return DenseEncoder(path, name=self.base_model_name, batch_size=self.batch_size, precision=self.precision)
+        return DenseEncoder(
+            path, name=self.base_model_name, batch_size=self.batch_size, precision=self.precision
+        )
 
     def encoder_for_cycle(self, lake: LakeResource, previous_cycle: str | None) -> tuple[DenseEncoder, str]:
         """The encoder to mine with, and a sentence saying why it was chosen."""
@@ -107,7 +109,10 @@ class DenseModelResource(dg.ConfigurableResource):
             model_dir = lake.checkpoint_dir(previous_cycle) / "model"
             if (model_dir / "modules.json").exists():
                 encoder = DenseEncoder(
-                    model_dir, name=f"checkpoint-{previous_cycle}", batch_size=self.batch_size, precision=self.precision
+                    model_dir,
+                    name=f"checkpoint-{previous_cycle}",
+                    batch_size=self.batch_size,
+                    precision=self.precision,
                 )
                 return encoder, f"checkpoint of cycle {previous_cycle} ({model_dir})"
             return self.base_encoder(), f"base model: no checkpoint for cycle {previous_cycle} at {model_dir}"

@@ -25,7 +25,7 @@ def test_graded_qrels_keep_their_grades(shared_data: Path) -> None:
 
 def test_unknown_qrels_split_names_the_known_ones(shared_data: Path) -> None:
     scifact = load_beir("scifact", data_dir=shared_data)
-    with pytest.raises(KeyError, match="has no qrels split 'dev'.*test, train"):
+    with pytest.raises(KeyError, match=r"has no qrels split 'dev'.*test, train"):
         scifact.judged("dev")
 
 

@@ -66,15 +66,22 @@ def test_source_and_mining_materialize_on_postgres_and_rerun_identically(
         "source_data": LocalSourceData(mirror_dir=str(mirror), beir_data_dir=str(shared_data)),
         "dense_model": DenseModelResource(),
     }
-    source_result = dg.materialize([source_pairs], partition_key=MIRROR_SPLIT, resources=resources,
-                                   instance=postgres_instance)
+    source_result = dg.materialize(
+        [source_pairs], partition_key=MIRROR_SPLIT, resources=resources, instance=postgres_instance
+    )
     assert source_result.success
     postgres_instance.add_dynamic_partitions(CYCLE_PARTITIONS_NAME, ["c000"])
     key = dg.MultiPartitionKey({"split": MIRROR_SPLIT, "cycle": "c000"})
     run_config = {"ops": {"mining_shard": {"config": {"top_k": 25}}}}
 
-    first = dg.materialize([source_pairs, mining_shard, mining_shard_is_clean], selection=[mining_shard],
-                           partition_key=key, resources=resources, instance=postgres_instance, run_config=run_config)
+    first = dg.materialize(
+        [source_pairs, mining_shard, mining_shard_is_clean],
+        selection=[mining_shard],
+        partition_key=key,
+        resources=resources,
+        instance=postgres_instance,
+        run_config=run_config,
+    )
     assert first.success
     shard_path = lake.candidates_path(MIRROR_SPLIT, "c000")
     first_bytes = shard_path.read_bytes()
@@ -83,12 +90,21 @@ def test_source_and_mining_materialize_on_postgres_and_rerun_identically(
     assert meta["dense_model"].value == "sentence-transformers/all-MiniLM-L6-v2"
     assert meta["dense_model_choice"].value == "base model (cycle 0)"
     assert meta["embedding_cache_misses"].value > 0
-    assert meta["recall_at_k_rrf"].value >= max(meta["recall_at_k_bm25"].value, meta["recall_at_k_dense"].value) - 0.02
+    assert (
+        meta["recall_at_k_rrf"].value
+        >= max(meta["recall_at_k_bm25"].value, meta["recall_at_k_dense"].value) - 0.02
+    )
     checks = first.get_asset_check_evaluations()
     assert [c.passed for c in checks] == [True]
 
-    second = dg.materialize([source_pairs, mining_shard], selection=[mining_shard], partition_key=key,
-                            resources=resources, instance=postgres_instance, run_config=run_config)
+    second = dg.materialize(
+        [source_pairs, mining_shard],
+        selection=[mining_shard],
+        partition_key=key,
+        resources=resources,
+        instance=postgres_instance,
+        run_config=run_config,
+    )
     assert second.success
     assert shard_path.read_bytes() == first_bytes
     meta2 = second.asset_materializations_for_node("mining_shard")[0].metadata

@@ -46,7 +46,15 @@ def mined(small_source: Path, encoder: DenseEncoder, tmp_path_factory: pytest.Te
 def test_shard_has_the_documented_columns_and_k_per_query(mined: dict, small_source: Path) -> None:
     shard = pl.read_parquet(mined["root"] / "a.parquet")
     assert shard.columns == [
-        "pair_id", "query_id", "doc_id", "split", "cycle", "bm25_rank", "dense_rank", "rrf_score", "rank"
+        "pair_id",
+        "query_id",
+        "doc_id",
+        "split",
+        "cycle",
+        "bm25_rank",
+        "dense_rank",
+        "rrf_score",
+        "rank",
     ]
     per_query = shard.group_by("query_id").len()
     assert per_query["len"].max() == 20
@@ -119,22 +127,30 @@ def test_cache_is_missed_with_another_model(mined: dict, small_source: Path, oth
     base_identity = mined["first"].model_revision
     assert other.identity.revision != base_identity
     cache = EmbeddingCache(mined["root"] / "cache", other.identity)
-    report = mine_split(small_source, mined["root"] / "other.parquet", "small", "c001", other, cache, mined["config"])
+    report = mine_split(
+        small_source, mined["root"] / "other.parquet", "small", "c001", other, cache, mined["config"]
+    )
     assert report.cache_hits == 0
     assert report.cache_misses == mined["first"].cache_hits + mined["first"].cache_misses
     assert report.model_name == "perturbed-minilm"
 
 
-def test_a_cache_refuses_to_serve_a_different_model(mined: dict, encoder: DenseEncoder, other_model: Path) -> None:
+def test_a_cache_refuses_to_serve_a_different_model(
+    mined: dict, encoder: DenseEncoder, other_model: Path
+) -> None:
     other = DenseEncoder(other_model, name="perturbed-minilm", precision="fp32")
     cache = EmbeddingCache(mined["root"] / "cache", encoder.identity)
     with pytest.raises(ValueError, match="cannot serve"):
         cache.embed(other, ["text"], ["hash"])
 
 
-def test_k_larger_than_the_corpus_is_clamped(small_source: Path, encoder: DenseEncoder, tmp_path: Path) -> None:
+def test_k_larger_than_the_corpus_is_clamped(
+    small_source: Path, encoder: DenseEncoder, tmp_path: Path
+) -> None:
     cache = EmbeddingCache(tmp_path / "cache", encoder.identity)
-    report = mine_split(small_source, tmp_path / "s.parquet", "small", "c000", encoder, cache, MiningConfig(top_k=10_000))
+    report = mine_split(
+        small_source, tmp_path / "s.parquet", "small", "c000", encoder, cache, MiningConfig(top_k=10_000)
+    )
     assert report.top_k_requested == 10_000
     assert report.top_k_effective == report.documents == 240
     per_query = pl.read_parquet(tmp_path / "s.parquet").group_by("query_id").len()["len"]
@@ -142,7 +158,9 @@ def test_k_larger_than_the_corpus_is_clamped(small_source: Path, encoder: DenseE
     assert per_query.max() <= report.documents - 1
 
 
-def test_ivf_index_is_used_above_the_exact_threshold(small_source: Path, encoder: DenseEncoder, tmp_path: Path) -> None:
+def test_ivf_index_is_used_above_the_exact_threshold(
+    small_source: Path, encoder: DenseEncoder, tmp_path: Path
+) -> None:
     cache = EmbeddingCache(tmp_path / "cache", encoder.identity)
     config = MiningConfig(top_k=10, exact_search_below=100, nprobe=4)
     report = mine_split(small_source, tmp_path / "ivf.parquet", "small", "c000", encoder, cache, config)
@@ -162,8 +180,13 @@ def test_long_documents_are_counted_as_over_the_model_window(
     source = tmp_path / "long.parquet"
     write_source_pairs([rows], "long", source)
     report = mine_split(
-        source, tmp_path / "long-shard.parquet", "long", "c000", encoder,
-        EmbeddingCache(tmp_path / "cache", encoder.identity), MiningConfig(top_k=5),
+        source,
+        tmp_path / "long-shard.parquet",
+        "long",
+        "c000",
+        encoder,
+        EmbeddingCache(tmp_path / "cache", encoder.identity),
+        MiningConfig(top_k=5),
     )
     expected = encoder.count_over_window(pl.read_parquet(source).unique("doc_id")["document"].to_list())
     assert report.documents_over_model_window == expected > 0
@@ -180,4 +203,6 @@ def test_an_empty_source_is_a_clear_error(tmp_path: Path, encoder: DenseEncoder,
     empty = tmp_path / "empty.parquet"
     pl.read_parquet(small_source).head(0).write_parquet(empty)
     with pytest.raises(ValueError, match="holds no source pairs"):
-        mine_split(empty, tmp_path / "x.parquet", "s", "c000", encoder, EmbeddingCache(tmp_path, encoder.identity))
+        mine_split(
+            empty, tmp_path / "x.parquet", "s", "c000", encoder, EmbeddingCache(tmp_path, encoder.identity)
+        )

@@ -1,0 +1,42 @@
+"""The Dagster instance the demo and `make ui` use: dagster.yaml from the repository, state in PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import dagster as dg
+
+from embedkomb_pipeline.settings import REPO_ROOT
+
+DEFAULT_DAGSTER_POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/embedkomb_dagster"
+
+
+def ensure_database(url: str) -> None:
+    """Create the database named in a PostgreSQL URL if it does not exist yet (the server must be up)."""
+    import psycopg
+    from psycopg import sql
+
+    parsed = urlparse(url)
+    name = parsed.path.lstrip("/")
+    user = parsed.username or "postgres"
+    if parsed.password:
+        user = f"{user}:{parsed.password}"
+    admin = f"postgresql://{user}@{parsed.hostname or '127.0.0.1'}:{parsed.port or 5432}/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def project_instance() -> dg.DagsterInstance:
+    """DAGSTER_HOME (default .dagster_home) with the project's dagster.yaml, on DAGSTER_POSTGRES_URL."""
+    home = Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT / ".dagster_home")
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    os.environ.setdefault("DAGSTER_POSTGRES_URL", DEFAULT_DAGSTER_POSTGRES_URL)
+    ensure_database(os.environ["DAGSTER_POSTGRES_URL"])
+    return dg.DagsterInstance.from_config(str(home))

@@ -129,9 +129,7 @@ async def _annotate(
     model = model_info()
     while not drained.is_set():
         t0 = time.perf_counter()
-        resp = await http.post(
-            "/api/v1/batches/claim", json={"size": batch_size, "model": model}, headers=headers
-        )
+        resp = await http.post("/api/v1/batches/claim", json={"size": batch_size, "model": model}, headers=headers)
         t1 = time.perf_counter()
         stats.claim_lat.append(t1 - t0)
         if resp.status_code != 200:
@@ -184,9 +182,7 @@ async def _annotate(
                 stats.sent.add((p["pair_id"], cid))
 
 
-def bare_ceiling(
-    database_url: str, n_pairs: int, batch_size: int, threads: int, seconds: float
-) -> dict[str, Any]:
+def bare_ceiling(database_url: str, n_pairs: int, batch_size: int, threads: int, seconds: float) -> dict[str, Any]:
     """The claim and submit statements straight through psycopg: no HTTP, no FastAPI, no JSON."""
     dsn = database_url.replace("postgresql+psycopg://", "postgresql://")
     engine = make_engine(database_url, threads + 1, 0)
@@ -320,9 +316,7 @@ def main() -> int:
             for i in range(args.honeypots)
         ]  # fmt: skip
         if gold_rows:
-            http.post(
-                "/api/v1/admin/honeypots", json={"honeypots": gold_rows}, headers=admin
-            ).raise_for_status()
+            http.post("/api/v1/admin/honeypots", json={"honeypots": gold_rows}, headers=admin).raise_for_status()
         gold = {g["pair_id"]: g["relevant"] for g in gold_rows}
         print(f"enqueued {args.pairs} pairs in {enqueue_s:.1f} s ({args.pairs / enqueue_s:,.0f} pairs/s), "
               f"{len(gold)} honeypots; server: {args.workers} uvicorn workers at {url}")  # fmt: skip
@@ -379,17 +373,11 @@ def main() -> int:
         # Server-side truth.
         with psycopg.connect(dsn) as conn:
             stored = conn.execute("SELECT count(*) FROM label").fetchone()[0]
-            distinct = conn.execute("SELECT count(DISTINCT (pair_id, contributor_id)) FROM label").fetchone()[
-                0
-            ]
-            db_pairs = {
-                (str(p), c) for p, c in conn.execute("SELECT pair_id, contributor_id FROM label").fetchall()
-            }
+            distinct = conn.execute("SELECT count(DISTINCT (pair_id, contributor_id)) FROM label").fetchone()[0]
+            db_pairs = {(str(p), c) for p, c in conn.execute("SELECT pair_id, contributor_id FROM label").fetchall()}
             states = dict(conn.execute("SELECT state, count(*) FROM pair GROUP BY state").fetchall())
             statuses = dict(
-                conn.execute(
-                    "SELECT status, count(*) FROM pair WHERE NOT is_honeypot GROUP BY status"
-                ).fetchall()
+                conn.execute("SELECT status, count(*) FROM pair WHERE NOT is_honeypot GROUP BY status").fetchall()
             )
             labels_per_pair = dict(
                 conn.execute(

@@ -108,9 +108,7 @@ def current_principal(request: Request) -> Principal:
     state = request.app.state
     token = bearer_token(request)
     with state.engine.begin() as conn:
-        return resolve(
-            conn, token, state.settings.rate_limit_per_minute, state.settings.admin_rate_limit_per_minute
-        )
+        return resolve(conn, token, state.settings.rate_limit_per_minute, state.settings.admin_rate_limit_per_minute)
 
 
 def require_admin(principal: Principal = Depends(current_principal)) -> Principal:
@@ -122,8 +120,7 @@ def require_admin(principal: Principal = Depends(current_principal)) -> Principa
 def issue_token(conn: Connection, contributor_id: int, is_admin: bool, name: str) -> str:
     token = new_token()
     conn.exec_driver_sql(
-        "INSERT INTO api_token (token_hash, contributor_id, is_admin, name)"
-        " VALUES (%(h)s, %(c)s, %(a)s, %(n)s)",
+        "INSERT INTO api_token (token_hash, contributor_id, is_admin, name) VALUES (%(h)s, %(c)s, %(a)s, %(n)s)",
         {"h": hash_token(token), "c": contributor_id, "a": is_admin, "n": name},
     )
     return token
@@ -132,9 +129,7 @@ def issue_token(conn: Connection, contributor_id: int, is_admin: bool, name: str
 def create_admin_token(conn: Connection, name: str) -> str:
     """An admin principal is a contributor row without a GitHub account; its token carries the admin bit."""
     login = f"admin:{name}"
-    row = conn.exec_driver_sql(
-        "SELECT id FROM contributor WHERE login = %(l)s AND is_admin", {"l": login}
-    ).first()
+    row = conn.exec_driver_sql("SELECT id FROM contributor WHERE login = %(l)s AND is_admin", {"l": login}).first()
     if row is None:
         row = conn.exec_driver_sql(
             "INSERT INTO contributor (login, is_admin) VALUES (%(l)s, true) RETURNING id", {"l": login}

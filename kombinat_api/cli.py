@@ -44,9 +44,7 @@ def serve(
     port: int = 8000,
     workers: int = 1,
     database_url: DbOption = None,
-    migrate_first: Annotated[
-        bool, typer.Option("--migrate/--no-migrate", help="Run migrations first.")
-    ] = False,
+    migrate_first: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Run migrations first.")] = False,
     log_level: str = "info",
 ) -> None:
     """Run the API with uvicorn (several workers share nothing but PostgreSQL)."""
@@ -100,9 +98,7 @@ def _read_jsonl(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def beir_honeypots(
-    folder: Path, split: str, negatives_per_positive: float, seed: int
-) -> list[dict[str, Any]]:
+def beir_honeypots(folder: Path, split: str, negatives_per_positive: float, seed: int) -> list[dict[str, Any]]:
     """Gold pairs from a BEIR-format folder: judged-relevant (query, document) pairs, plus random documents
     as non-relevant ones so that a contributor answering 'yes' to everything fails the honeypots."""
     corpus = _read_jsonl(folder / "corpus.jsonl")

@@ -18,18 +18,14 @@ class BodyTooLarge(HTTPException):
 
 
 class BodySizeLimit:
-    def __init__(
-        self, app: ASGIApp, default_limit: int, admin_limit: int, admin_prefix: str = "/api/v1/admin/"
-    ):
+    def __init__(self, app: ASGIApp, default_limit: int, admin_limit: int, admin_prefix: str = "/api/v1/admin/"):
         self.app = app
         self.default_limit = default_limit
         self.admin_limit = admin_limit
         self.admin_prefix = admin_prefix
 
     async def _refuse(self, send: Send, limit: int) -> None:
-        body = json.dumps(
-            {"detail": f"Request body too large: this endpoint accepts at most {limit} bytes."}
-        ).encode()
+        body = json.dumps({"detail": f"Request body too large: this endpoint accepts at most {limit} bytes."}).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -35,9 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.add_middleware(
-        BodySizeLimit, default_limit=settings.max_body_bytes, admin_limit=settings.max_admin_body_bytes
-    )
+    app.add_middleware(BodySizeLimit, default_limit=settings.max_body_bytes, admin_limit=settings.max_admin_body_bytes)
     for module in (auth, models, work, admin, public):
         app.include_router(module.router)
     return app

@@ -109,9 +109,7 @@ class Pair(SQLModel, table=True):
     n_labels: int = Field(default=0, sa_column=Column(SmallInteger, nullable=False))
     n_relevant: int = Field(default=0, sa_column=Column(SmallInteger, nullable=False))
     p_sum: float = 0.0
-    lease_batch_id: uuid.UUID | None = Field(
-        default=None, sa_column=Column(UUID(as_uuid=True), nullable=True)
-    )
+    lease_batch_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID(as_uuid=True), nullable=True))
     lease_expires_at: datetime | None = _ts(True)
     created_at: datetime | None = _ts()
     resolved_at: datetime | None = _ts(True)

@@ -491,9 +491,7 @@ class HoneypotVerdict:
     touched_pairs: list[uuid.UUID] = field(default_factory=list)
 
 
-def check_batch_honeypots(
-    conn: Connection, batch_id: uuid.UUID, min_accuracy: float
-) -> HoneypotVerdict | None:
+def check_batch_honeypots(conn: Connection, batch_id: uuid.UUID, min_accuracy: float) -> HoneypotVerdict | None:
     """Quarantine the batch as soon as its honeypot accuracy can no longer reach ``min_accuracy``.
 
     Deciding early (before every honeypot is answered) means the rest of a bad batch's labels are stored

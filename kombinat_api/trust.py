@@ -162,9 +162,7 @@ def refresh(conn: Connection, contributor_id: int, settings: Settings) -> Reputa
     return rep
 
 
-def recompute_in_chunks(
-    conn: Connection, pair_ids: Sequence[uuid.UUID], settings: Settings, chunk: int = 5000
-) -> None:
+def recompute_in_chunks(conn: Connection, pair_ids: Sequence[uuid.UUID], settings: Settings, chunk: int = 5000) -> None:
     for i in range(0, len(pair_ids), chunk):
         queue.recompute_pairs(
             conn,

@@ -29,9 +29,7 @@ def enqueue(body: EnqueueRequest, request: Request) -> InsertResponse:
 def load_honeypots(body: HoneypotRequest, request: Request) -> InsertResponse:
     settings = settings_of(request)
     if len(body.honeypots) > settings.max_enqueue_pairs:
-        raise limit_error(
-            ("body", "honeypots"), len(body.honeypots), settings.max_enqueue_pairs, "number of honeypots"
-        )
+        raise limit_error(("body", "honeypots"), len(body.honeypots), settings.max_enqueue_pairs, "number of honeypots")
     with engine_of(request).begin() as conn:
         inserted = queue.enqueue_honeypots(conn, [h.model_dump() for h in body.honeypots])
     return InsertResponse(inserted=inserted, already_present=len(body.honeypots) - inserted)
@@ -59,16 +57,33 @@ def _parse_label_cursor(after: str | None) -> tuple[int, int]:
         ) from exc
 
 
-# Only labels of transactions older than every transaction still running are handed out, ordered by
-# (transaction id, label id): any label that commits later sorts after the cursor, so polling with the
-# returned cursor never misses one, and a page is a stable, repeatable slice.
+# Pages are ordered by (inserting transaction id, label id) and only hold labels below a horizon that
+# no transaction still able to insert labels lies under, so a label that commits late always sorts after
+# any cursor already handed out: polling with next_cursor never misses one and pages are stable.
+#
+# The horizon must ignore transactions of other databases on the same server (the cluster-wide snapshot
+# xmin would let any long transaction elsewhere stall exports). So: first read which transactions of
+# *this* database are running (pg_stat_activity) and the next transaction id then (x1); then, with a
+# later snapshot, the horizon is the oldest transaction still in progress that is either one of ours or
+# newer than x1 (started after the first read, database unknown).
+OURS_SQL = """
+SELECT coalesce(array_agg(backend_xid::text::bigint), '{}') AS xids,
+       pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS x1
+FROM pg_stat_activity WHERE datname = current_database() AND backend_xid IS NOT NULL
+"""
+
 LABELS_SQL = """
+WITH h AS (
+    SELECT coalesce(min(x::text::bigint), pg_snapshot_xmax(pg_current_snapshot())::text::bigint) AS horizon
+    FROM pg_snapshot_xip(pg_current_snapshot()) x
+    WHERE x::text::bigint >= %(x1)s OR x::text::bigint %% 4294967296 = ANY(%(xids)s::bigint[])
+)
 SELECT l.xact, l.label_id, l.pair_id, l.contributor_id, l.relevant, l.p_relevant, l.grade, l.truncated,
        l.backend, l.model_id, l.quantization, l.annotator_version, l.created_at, l.quarantined,
        p.split, p.cycle
 FROM label l JOIN pair p ON p.pair_id = l.pair_id
 WHERE (l.xact, l.label_id) > (%(ax)s, %(al)s)
-  AND l.xact < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+  AND l.xact < (SELECT horizon FROM h)
   AND (%(split)s::text IS NULL OR p.split = %(split)s::text)
   AND (%(cycle)s::text IS NULL OR p.cycle = %(cycle)s::text)
 ORDER BY l.xact, l.label_id
@@ -86,9 +101,11 @@ def export_labels(
 ) -> dict[str, Any]:
     ax, al = _parse_label_cursor(after)
     n = _page_size(request, limit)
-    with engine_of(request).connect() as conn:
+    with engine_of(request).begin() as conn:
+        xids, x1 = conn.exec_driver_sql(OURS_SQL).one()
         rows = conn.exec_driver_sql(
-            LABELS_SQL, {"ax": ax, "al": al, "split": split, "cycle": cycle, "limit": n}
+            LABELS_SQL,
+            {"ax": ax, "al": al, "split": split, "cycle": cycle, "limit": n, "xids": xids, "x1": x1},
         ).all()
     labels = [
         {
@@ -140,9 +157,7 @@ def export_verified(
     status_: str = Query(default="verified", alias="status"),
 ) -> dict[str, Any]:
     if status_ not in STATUSES:
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST, detail=f"status must be one of {', '.join(STATUSES)}"
-        )
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"status must be one of {', '.join(STATUSES)}")
     n = _page_size(request, limit)
     with engine_of(request).connect() as conn:
         rows = conn.exec_driver_sql(

@@ -59,9 +59,7 @@ def device_poll(body: DevicePollRequest, request: Request) -> DevicePollResponse
     except GitHubError as exc:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, detail=str(exc)) from exc
     with engine_of(request).begin() as conn:
-        cid, banned = conn.exec_driver_sql(
-            UPSERT_CONTRIBUTOR_SQL, {"gid": user.id, "login": user.login}
-        ).one()
+        cid, banned = conn.exec_driver_sql(UPSERT_CONTRIBUTOR_SQL, {"gid": user.id, "login": user.login}).one()
         if banned:
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail="This contributor account is banned.")
         token = issue_token(conn, cid, False, f"github:{user.login}")

@@ -48,9 +48,7 @@ def collect_stats(request: Request) -> dict[str, Any]:
         splits = [dict(r) for r in conn.exec_driver_sql(SPLITS_SQL).mappings()]
         activity = conn.exec_driver_sql(ACTIVITY_SQL, {"h": hours}).mappings().one()
         leaderboard = [dict(r) for r in conn.exec_driver_sql(LEADERBOARD_SQL).mappings()]
-    totals = {
-        k: sum(s[k] for s in splits) for k in ("pairs", "queued", "leased", "labeled", "verified", "disputed")
-    }
+    totals = {k: sum(s[k] for s in splits) for k in ("pairs", "queued", "leased", "labeled", "verified", "disputed")}
     return {
         "splits": splits,
         "totals": totals,

@@ -59,9 +59,7 @@ def submit_labels(
 ) -> SubmitResponse:
     settings = settings_of(request)
     if len(body.labels) > settings.max_labels_per_chunk:
-        raise limit_error(
-            ("body", "labels"), len(body.labels), settings.max_labels_per_chunk, "chunk of labels"
-        )
+        raise limit_error(("body", "labels"), len(body.labels), settings.max_labels_per_chunk, "chunk of labels")
     labels = [lab.model_dump() for lab in body.labels]
     engine = engine_of(request)
     result = queue.SubmitResult("foreign")
@@ -85,9 +83,7 @@ def submit_labels(
     if result.outcome == "not_found":
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"Batch {batch_id} does not exist.")
     if result.outcome == "forbidden":
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN, detail=f"Batch {batch_id} belongs to another contributor."
-        )
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"Batch {batch_id} belongs to another contributor.")
     if result.outcome == "expired":
         raise HTTPException(
             status.HTTP_409_CONFLICT,
@@ -109,9 +105,7 @@ def submit_labels(
             result.escalated,
             settings,
         )
-    return SubmitResponse(
-        accepted=result.accepted, duplicates=result.duplicates, lease_expires_at=result.expires_at
-    )
+    return SubmitResponse(accepted=result.accepted, duplicates=result.duplicates, lease_expires_at=result.expires_at)
 
 
 @router.post("/{batch_id}/release", response_model=ReleaseResponse)
@@ -127,7 +121,5 @@ def release_batch(
     if outcome == "not_found":
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"Batch {batch_id} does not exist.")
     if outcome == "forbidden":
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN, detail=f"Batch {batch_id} belongs to another contributor."
-        )
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"Batch {batch_id} belongs to another contributor.")
     return ReleaseResponse(released=released)

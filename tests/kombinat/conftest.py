@@ -20,9 +20,7 @@ from tests.support.fake_github import FakeGitHub
 from tests.support.kombinat_server import TEST_MODEL, bearer, model_info
 from tests.support.postgres import fresh_database
 
-TABLES = (
-    "label, batch_honeypot, batch, honeypot, pair_content, pair, api_token, rate_bucket, contributor, model"
-)
+TABLES = "label, batch_honeypot, batch, honeypot, pair_content, pair, api_token, rate_bucket, contributor, model"
 
 
 @pytest.fixture(scope="session")
@@ -108,9 +106,7 @@ class Kombinat:
             token = issue_token(conn, cid, False, login)
         return Contributor(cid, login, token, bearer(token))
 
-    def enqueue(
-        self, n: int, split: str = "s1", cycle: str = "c000", start_priority: float = 0.0
-    ) -> list[str]:
+    def enqueue(self, n: int, split: str = "s1", cycle: str = "c000", start_priority: float = 0.0) -> list[str]:
         pairs = [
             {
                 "pair_id": str(uuid.uuid4()),

@@ -89,9 +89,7 @@ def test_resubmitted_chunk_changes_nothing(kmb: Kombinat) -> None:
     def snapshot() -> tuple:
         return (
             kmb.sql("SELECT pair_id, relevant, p_relevant, quarantined FROM label ORDER BY label_id"),
-            kmb.sql(
-                "SELECT pair_id, state, status, n_labels, n_relevant, lease_batch_id FROM pair ORDER BY pair_id"
-            ),
+            kmb.sql("SELECT pair_id, state, status, n_labels, n_relevant, lease_batch_id FROM pair ORDER BY pair_id"),
             kmb.sql("SELECT n_labeled FROM batch"),
         )
 
@@ -139,15 +137,11 @@ def test_release_returns_pairs_to_the_queue(kmb: Kombinat) -> None:
     )
     assert part.json() == {"released": 1}  # ids[0] is labeled already
     assert {p["pair_id"] for p in kmb.claim(bob, 6)["pairs"]} == {ids[0], ids[1]}
-    rest = kmb.client.post(
-        f"/api/v1/batches/{a['batch_id']}/release", json={"pair_ids": None}, headers=alice.headers
-    )
+    rest = kmb.client.post(f"/api/v1/batches/{a['batch_id']}/release", json={"pair_ids": None}, headers=alice.headers)
     assert rest.json() == {"released": 4}
     late = kmb.submit(alice, a["batch_id"], {ids[2]: True})
     assert late.status_code == 409
-    stolen = kmb.client.post(
-        f"/api/v1/batches/{a['batch_id']}/release", json={"pair_ids": None}, headers=bob.headers
-    )
+    stolen = kmb.client.post(f"/api/v1/batches/{a['batch_id']}/release", json={"pair_ids": None}, headers=bob.headers)
     assert stolen.status_code == 403
 
 

@@ -24,9 +24,7 @@ STRONG_MODEL = {
 }
 
 
-def label_one(
-    kmb: Kombinat, who: Contributor, pair_id: str, verdict: bool, model: dict | None = None
-) -> None:
+def label_one(kmb: Kombinat, who: Contributor, pair_id: str, verdict: bool, model: dict | None = None) -> None:
     batch = kmb.claim(who, 1, model)
     assert [p["pair_id"] for p in batch["pairs"]] == [pair_id]
     resp = kmb.submit(who, batch["batch_id"], {pair_id: verdict}, model)
@@ -135,18 +133,12 @@ def test_failed_honeypots_quarantine_the_batch_and_recount_its_pairs(kmb: Kombin
     # Both said 'relevant' to the 7 ordinary pairs, but the cheater's batch failed its honeypots: its labels
     # are quarantined and the pairs fall back to one counted label.
     assert kmb.sql("SELECT quarantined FROM batch WHERE batch_id = %(b)s", {"b": b["batch_id"]})[0][0] is True
-    assert (
-        kmb.sql("SELECT quarantined FROM batch WHERE batch_id = %(b)s", {"b": a["batch_id"]})[0][0] is False
-    )
-    assert kmb.sql("SELECT bool_and(quarantined) FROM label WHERE batch_id = %(b)s", {"b": b["batch_id"]})[0][
-        0
-    ]
+    assert kmb.sql("SELECT quarantined FROM batch WHERE batch_id = %(b)s", {"b": a["batch_id"]})[0][0] is False
+    assert kmb.sql("SELECT bool_and(quarantined) FROM label WHERE batch_id = %(b)s", {"b": b["batch_id"]})[0][0]
     for pid in ids:
         row = kmb.pair(pid)
         assert (row.status, row.state, row.n_labels) == ("labeled", "queued", 1)
-    rep_after = kmb.sql(
-        "SELECT reputation, quarantined_batches FROM contributor WHERE id = %(c)s", {"c": cheat.id}
-    )[0]
+    rep_after = kmb.sql("SELECT reputation, quarantined_batches FROM contributor WHERE id = %(c)s", {"c": cheat.id})[0]
     assert rep_after[0] < rep_before and rep_after[1] == 1
     honest_rep = kmb.sql("SELECT reputation FROM contributor WHERE id = %(c)s", {"c": honest.id})[0][0]
     assert honest_rep > rep_after[0]

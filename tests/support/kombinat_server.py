@@ -177,9 +177,7 @@ def running_kombinat(
 
 def admit_model(server: KombinatServer, entry: dict[str, Any] | None = None) -> dict[str, Any]:
     entry = entry or TEST_MODEL
-    resp = httpx.put(
-        f"{server.url}/api/v1/admin/models", json={"models": [entry]}, headers=bearer(server.admin_token)
-    )
+    resp = httpx.put(f"{server.url}/api/v1/admin/models", json={"models": [entry]}, headers=bearer(server.admin_token))
     resp.raise_for_status()
     return entry
 
@@ -189,8 +187,6 @@ def sign_in(server: KombinatServer, github: Any, login: str, user_id: int) -> st
     start = httpx.post(f"{server.url}/api/v1/auth/device/start", json={})
     start.raise_for_status()
     github.authorize(start.json()["user_code"], login, user_id)
-    poll = httpx.post(
-        f"{server.url}/api/v1/auth/device/poll", json={"device_code": start.json()["device_code"]}
-    )
+    poll = httpx.post(f"{server.url}/api/v1/auth/device/poll", json={"device_code": start.json()["device_code"]})
     poll.raise_for_status()
     return str(poll.json()["token"])

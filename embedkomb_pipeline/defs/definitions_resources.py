@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import dagster as dg
 
-from embedkomb_pipeline.defs.resources import DenseModelResource, HubSourceData, LakeResource
+import os
+
+from embedkomb_pipeline.defs.resources import (
+    DatasetPublisherResource,
+    DenseModelResource,
+    HubSourceData,
+    KombinatResource,
+    LakeResource,
+    QualityThresholds,
+)
 
 
 @dg.definitions
@@ -14,5 +23,13 @@ def resources() -> dg.Definitions:
             "lake": LakeResource(),
             "source_data": HubSourceData(),
             "dense_model": DenseModelResource(),
+            "kombinat": KombinatResource(
+                url=os.environ.get("KOMBINAT_URL", "http://127.0.0.1:8000"),
+                admin_token=dg.EnvVar("KOMBINAT_ADMIN_TOKEN"),
+            ),
+            "publisher": DatasetPublisherResource(
+                repo_id=os.environ.get("EMBEDKOMB_HUB_DATASET_REPO"), token=os.environ.get("HF_TOKEN")
+            ),
+            "quality": QualityThresholds(),
         }
     )

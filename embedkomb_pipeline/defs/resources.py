@@ -8,6 +8,8 @@ from pathlib import Path
 import dagster as dg
 
 from embedkomb_pipeline.embedding import DenseEncoder, default_base_model_path
+from embedkomb_pipeline.export import push_to_hub
+from embedkomb_pipeline.kombinat_client import KombinatAdminClient
 from embedkomb_pipeline.settings import BEIR_HUB_IDS, default_data_dir, default_storage_dir
 from embedkomb_pipeline.sources import (
     HUB_REPO_ID,
@@ -39,6 +41,20 @@ class LakeResource(dg.ConfigurableResource):
 
     def checkpoint_dir(self, cycle: str) -> Path:
         return self.root / "checkpoints" / cycle
+
+    def queue_state_path(self, split: str, cycle: str) -> Path:
+        return self.root / "queue_state" / split / f"{cycle}.json"
+
+    def labels_dir(self, split: str, cycle: str) -> Path:
+        return self.root / "labels" / split / cycle
+
+    @property
+    def honeypots_path(self) -> Path:
+        return self.root / "honeypots" / "honeypots.parquet"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "exports" / "verified"
 
 
 class SourceDataResource(dg.ConfigurableResource):
@@ -117,3 +133,41 @@ class DenseModelResource(dg.ConfigurableResource):
                 return encoder, f"checkpoint of cycle {previous_cycle} ({model_dir})"
             return self.base_encoder(), f"base model: no checkpoint for cycle {previous_cycle} at {model_dir}"
         return self.base_encoder(), "base model (cycle 0)"
+
+
+class KombinatResource(dg.ConfigurableResource):
+    """kombinat's admin API over HTTP; the admin token comes from KOMBINAT_ADMIN_TOKEN."""
+
+    url: str = "http://127.0.0.1:8000"
+    admin_token: str
+
+    def client(self) -> KombinatAdminClient:
+        return KombinatAdminClient(self.url, self.admin_token)
+
+
+class DatasetPublisherResource(dg.ConfigurableResource):
+    """Where verified exports go besides the lake: a Hub dataset repo when repo_id and token are set."""
+
+    repo_id: str | None = None
+    token: str | None = None
+    endpoint: str | None = None  # None: huggingface.co
+    private: bool = False
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.repo_id and self.token)
+
+    def publish(self, root: Path) -> str | None:
+        if not self.configured:
+            return None
+        return push_to_hub(root, self.repo_id or "", self.token or "", endpoint=self.endpoint, private=self.private)
+
+
+class QualityThresholds(dg.ConfigurableResource):
+    """Bounds the asset checks hold labels to."""
+
+    kappa_floor: float = 0.4
+    honeypot_accuracy_floor: float = 0.9
+    relevant_rate_min: float = 0.0
+    relevant_rate_max: float = 0.6
+    min_pairs_for_kappa: int = 10

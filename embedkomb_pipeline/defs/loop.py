@@ -1,0 +1,302 @@
+"""The labeling loop: work_queue → (volunteers label in kombinat) → labeled_pairs → verified_pairs; honeypots.
+
+Sensors advance it: refill_sensor pushes the next chunk of a shard when kombinat's queue runs low, and
+retrain_sensor opens the next cycle once enough new labels are verified.
+"""
+
+import json
+import os
+
+import dagster as dg
+import duckdb
+import polars as pl
+
+from embedkomb_pipeline.defs.mining import mining_shard, source_pairs
+from embedkomb_pipeline.defs.partitions import (
+    CYCLE_PARTITIONS_NAME,
+    cycle_key,
+    cycle_number,
+    cycle_partitions,
+    from_split,
+    split_and_cycle,
+    split_cycle_partitions,
+)
+from embedkomb_pipeline.defs.resources import (
+    DatasetPublisherResource,
+    KombinatResource,
+    LakeResource,
+    QualityThresholds,
+    SourceDataResource,
+)
+from embedkomb_pipeline.export import write_verified
+from embedkomb_pipeline.gold import HONEYPOT_SOURCES, build_gold_pairs
+from embedkomb_pipeline.labels import per_model_stats, pairwise_kappa, pull_labels
+from embedkomb_pipeline.queue_feed import feed_queue, read_offset
+from embedkomb_pipeline.settings import default_data_dir
+
+
+class WorkQueueConfig(dg.Config):
+    depth_budget: int = 20_000  # at most this many of the partition's pairs wait in kombinat's queue
+    chunk_size: int = 5_000
+
+
+@dg.asset(
+    partitions_def=split_cycle_partitions,
+    deps=[mining_shard, dg.AssetDep(source_pairs, partition_mapping=from_split)],
+    group_name="labeling",
+    kinds={"postgres"},
+    description="The shard's candidates pushed to kombinat, hardest first, up to a queue-depth budget per run.",
+)
+def work_queue(
+    context: dg.AssetExecutionContext, config: WorkQueueConfig, lake: LakeResource, kombinat: KombinatResource
+) -> dg.MaterializeResult:
+    split, cycle = split_and_cycle(context)
+    shard = lake.candidates_path(split, cycle)
+    if not shard.exists():
+        raise FileNotFoundError(f"mining_shard {split}/{cycle} is not materialized ({shard} missing)")
+    with kombinat.client() as client:
+        result = feed_queue(
+            client,
+            shard,
+            lake.source_pairs_path(split),
+            split,
+            cycle,
+            lake.queue_state_path(split, cycle),
+            depth_budget=config.depth_budget,
+            chunk_size=config.chunk_size,
+        )
+        depth = client.queue_counts(split=split, cycle=cycle)
+    return dg.MaterializeResult(
+        metadata={
+            "enqueued": result.enqueued,
+            "already_present": result.already_present,
+            "pushed_through": result.offset_after,
+            "remaining_in_shard": result.remaining,
+            "shard_candidates": result.total_candidates,
+            "queue_depth": depth["queued"],
+            "queue": dg.MetadataValue.json(depth),
+        }
+    )
+
+
+class HoneypotConfig(dg.Config):
+    per_source: int = 200
+
+
+@dg.asset(
+    group_name="labeling",
+    kinds={"postgres", "parquet"},
+    description=(
+        "Gold pairs from human judgments (SciFact train, NFCorpus dev qrels): judged-relevant pairs and the same "
+        "queries with random unjudged documents, loaded into kombinat as honeypots."
+    ),
+)
+def honeypots(
+    context: dg.AssetExecutionContext,
+    config: HoneypotConfig,
+    lake: LakeResource,
+    source_data: SourceDataResource,
+    kombinat: KombinatResource,
+) -> dg.MaterializeResult:
+    data_dir = source_data.beir_data_dir or default_data_dir()
+    if data_dir is None:
+        raise FileNotFoundError("honeypots need the BEIR qrels: set EMBEDKOMB_DATA_DIR")
+    gold = build_gold_pairs(data_dir, HONEYPOT_SOURCES, per_source=config.per_source)
+    frame = pl.DataFrame(gold)
+    lake.honeypots_path.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(lake.honeypots_path)
+    with kombinat.client() as client:
+        answer = client.load_honeypots(gold)
+    by_source = frame.group_by("source").agg(pl.len().alias("pairs"), pl.col("relevant").mean().alias("relevant"))
+    context.log.info(f"honeypots: {answer['inserted']} new, {answer['already_present']} already loaded")
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(lake.honeypots_path)),
+            "honeypots": frame.height,
+            "inserted": answer["inserted"],
+            "already_present": answer["already_present"],
+            "by_source": dg.MetadataValue.json(by_source.to_dicts()),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=split_cycle_partitions,
+    deps=[work_queue],
+    group_name="labeling",
+    kinds={"parquet"},
+    check_specs=[
+        dg.AssetCheckSpec("annotator_agreement", asset="labeled_pairs", description="Cohen's κ between labelers"),
+        dg.AssetCheckSpec("label_balance", asset="labeled_pairs", description="share judged relevant in bounds"),
+        dg.AssetCheckSpec("honeypot_accuracy", asset="labeled_pairs", description="contributors' honeypot accuracy"),
+    ],
+    description="Incremental snapshot of every label kombinat received for the partition (cursor kept between runs).",
+)
+def labeled_pairs(
+    context: dg.AssetExecutionContext, lake: LakeResource, kombinat: KombinatResource, quality: QualityThresholds
+) -> dg.MaterializeResult:
+    split, cycle = split_and_cycle(context)
+    with kombinat.client() as client:
+        snapshot = pull_labels(client, split, cycle, lake.labels_dir(split, cycle))
+        contributors = client.contributors()
+    labels = pl.read_parquet(snapshot.path)
+    counted = labels.filter(~pl.col("quarantined"))
+    kappa, n_doubled = pairwise_kappa(labels)
+    relevant_rate = float(counted["relevant"].mean()) if counted.height else None
+    hp_total = sum(c["hp_total"] for c in contributors)
+    hp_accuracy = sum(c["hp_correct"] for c in contributors) / hp_total if hp_total else None
+    checks = [
+        dg.AssetCheckResult(
+            check_name="annotator_agreement",
+            passed=n_doubled < quality.min_pairs_for_kappa or (kappa is not None and kappa >= quality.kappa_floor),
+            metadata={"kappa": kappa, "pairs_with_two_labels": n_doubled, "floor": quality.kappa_floor},
+            severity=dg.AssetCheckSeverity.ERROR,
+        ),
+        dg.AssetCheckResult(
+            check_name="label_balance",
+            passed=relevant_rate is None or quality.relevant_rate_min <= relevant_rate <= quality.relevant_rate_max,
+            metadata={"relevant_rate": relevant_rate, "bounds": [quality.relevant_rate_min, quality.relevant_rate_max]},
+            severity=dg.AssetCheckSeverity.ERROR,
+        ),
+        dg.AssetCheckResult(
+            check_name="honeypot_accuracy",
+            passed=hp_accuracy is None or hp_accuracy >= quality.honeypot_accuracy_floor,
+            metadata={"accuracy": hp_accuracy, "honeypot_labels": hp_total, "floor": quality.honeypot_accuracy_floor},
+            severity=dg.AssetCheckSeverity.ERROR,
+        ),
+    ]
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(snapshot.path)),
+            "new_labels": snapshot.new_labels,
+            "dagster/row_count": snapshot.total_labels,
+            "quarantined": labels.height - counted.height,
+            "contributors": labels["contributor_id"].n_unique(),
+            "cursor": snapshot.cursor or "",
+            "per_model": dg.MetadataValue.json(per_model_stats(labels)),
+        },
+        check_results=checks,
+    )
+
+
+@dg.asset(
+    partitions_def=split_cycle_partitions,
+    deps=[labeled_pairs],
+    group_name="labeling",
+    kinds={"parquet", "huggingface"},
+    check_specs=[dg.AssetCheckSpec("unique_pair_ids", asset="verified_pairs", description="no pair_id twice")],
+    description="Pairs ≥ 2 contributors in good standing agree on, as a Hugging Face dataset (one config per split).",
+)
+def verified_pairs(
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    kombinat: KombinatResource,
+    publisher: DatasetPublisherResource,
+) -> dg.MaterializeResult:
+    split, cycle = split_and_cycle(context)
+    with kombinat.client() as client:
+        rows = list(client.verified(split=split, cycle=cycle))
+    result = write_verified(rows, lake.export_dir, split, cycle)
+    pushed = publisher.publish(lake.export_dir)
+    con = duckdb.connect()
+    total, distinct = con.execute(
+        "SELECT count(*), count(DISTINCT pair_id) FROM read_parquet(?)", [str(lake.export_dir / "data" / "*" / "*.parquet")]
+    ).fetchone()
+    con.close()
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(result.path)),
+            "dataset": dg.MetadataValue.path(str(lake.export_dir)),
+            "dagster/row_count": result.rows,
+            "relevant": result.relevant,
+            "mean_agreement": result.mean_agreement,
+            "models": ", ".join(result.models),
+            "pushed": pushed or "not configured",
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="unique_pair_ids",
+                passed=total == distinct,
+                metadata={"rows": total, "distinct_pair_ids": distinct},
+                severity=dg.AssetCheckSeverity.ERROR,
+            )
+        ],
+    )
+
+
+work_queue_job = dg.define_asset_job(
+    "work_queue_job",
+    selection=dg.AssetSelection.assets(work_queue),
+    partitions_def=split_cycle_partitions,
+    description="Push the next chunk of a shard to kombinat.",
+)
+export_job = dg.define_asset_job(
+    "export_job",
+    selection=dg.AssetSelection.assets(labeled_pairs, verified_pairs),
+    partitions_def=split_cycle_partitions,
+    description="Snapshot labels and export verified pairs for one split × cycle.",
+)
+
+
+def _materialized_shards(lake: LakeResource) -> list[tuple[str, str]]:
+    return sorted((p.parent.parent.name, p.parent.name) for p in lake.root.glob("mining/*/*/candidates.parquet"))
+
+
+@dg.sensor(job=work_queue_job, minimum_interval_seconds=60, description="Refill kombinat's queue when it runs low.")
+def refill_sensor(
+    context: dg.SensorEvaluationContext, lake: LakeResource, kombinat: KombinatResource
+) -> dg.SensorResult:
+    low_watermark = int(os.environ.get("EMBEDKOMB_QUEUE_LOW_WATERMARK", "1000"))
+    requests = []
+    queued: dict[str, int] = {}
+    with kombinat.client() as client:
+        for split, cycle in _materialized_shards(lake):
+            state = lake.queue_state_path(split, cycle)
+            if not state.exists():
+                continue  # never fed: the first push is a maintainer's decision, not the sensor's
+            offset = read_offset(state)
+            total = duckdb.sql(f"SELECT count(*) FROM read_parquet('{lake.candidates_path(split, cycle)}')").fetchone()[0]
+            depth = int(client.queue_counts(split=split, cycle=cycle)["queued"])
+            queued[f"{split}/{cycle}"] = depth
+            if offset < total and depth < low_watermark:
+                requests.append(
+                    dg.RunRequest(
+                        run_key=f"refill-{split}-{cycle}-{offset}",
+                        partition_key=dg.MultiPartitionKey({"split": split, "cycle": cycle}),
+                    )
+                )
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(queued))
+
+
+@dg.sensor(
+    job=export_job,
+    minimum_interval_seconds=300,
+    description="Open the next cycle and request training data once enough new labels are verified.",
+)
+def retrain_sensor(context: dg.SensorEvaluationContext, kombinat: KombinatResource) -> dg.SensorResult:
+    threshold = int(os.environ.get("EMBEDKOMB_RETRAIN_THRESHOLD", "10000"))
+    state = json.loads(context.cursor) if context.cursor else {"verified_at_last_cycle": 0}
+    with kombinat.client() as client:
+        verified = int(client.queue_counts()["verified"])
+    new = verified - state["verified_at_last_cycle"]
+    if new < threshold:
+        return dg.SensorResult(skip_reason=f"{new} newly verified pairs, threshold {threshold}", cursor=context.cursor)
+    cycles = sorted(context.instance.get_dynamic_partitions(CYCLE_PARTITIONS_NAME), key=cycle_number)
+    current = cycles[-1] if cycles else cycle_key(0)
+    following = cycle_key(cycle_number(current) + 1)
+    # export every split of the finished cycle: the checkpoint of `following` trains on it
+    from embedkomb_pipeline.defs.partitions import split_partitions
+
+    requests = [
+        dg.RunRequest(
+            run_key=f"retrain-{following}-{split}",
+            partition_key=dg.MultiPartitionKey({"split": split, "cycle": current}),
+            tags={"embedkomb/trigger": "retrain", "embedkomb/next_cycle": following},
+        )
+        for split in split_partitions.get_partition_keys()
+    ]
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[cycle_partitions.build_add_request([following])],
+        cursor=json.dumps({"verified_at_last_cycle": verified, "opened": following}),
+    )

@@ -1,0 +1,121 @@
+"""Label snapshots pulled from kombinat, and the statistics the checks judge them by."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from embedkomb_pipeline.kombinat_client import KombinatAdminClient
+
+LABEL_SCHEMA = {
+    "label_id": pl.Int64,
+    "pair_id": pl.String,
+    "contributor_id": pl.Int64,
+    "relevant": pl.Boolean,
+    "p_relevant": pl.Float64,
+    "grade": pl.Int64,
+    "truncated": pl.Boolean,
+    "backend": pl.String,
+    "model_id": pl.String,
+    "quantization": pl.String,
+    "annotator_version": pl.String,
+    "created_at": pl.String,
+    "quarantined": pl.Boolean,
+    "split": pl.String,
+    "cycle": pl.String,
+}
+
+
+@dataclass
+class SnapshotResult:
+    new_labels: int
+    total_labels: int
+    cursor: str | None
+    path: Path
+
+
+def _atomic_parquet(frame: pl.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.write_parquet(tmp)
+    tmp.replace(path)
+
+
+def pull_labels(
+    client: KombinatAdminClient, split: str, cycle: str, directory: Path, page_size: int = 1000
+) -> SnapshotResult:
+    """Fetch the labels since the stored cursor, append them as a part, and rewrite the snapshot.
+
+    A part is named after the cursor it starts from, so a retry after a crash rewrites the same part;
+    the snapshot is de-duplicated on label_id, so nothing is ever counted twice.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    cursor_file = directory / "cursor.json"
+    cursor = json.loads(cursor_file.read_text())["cursor"] if cursor_file.exists() else None
+    new = 0
+    while True:
+        labels, next_cursor = client.labels_page(cursor, page_size, split=split, cycle=cycle)
+        if not labels:
+            break
+        part = directory / f"part-{re.sub(r'[^0-9A-Za-z]+', '_', cursor or 'start')}.parquet"
+        _atomic_parquet(pl.DataFrame(labels, schema=LABEL_SCHEMA), part)
+        new += len(labels)
+        cursor = next_cursor
+        cursor_file.write_text(json.dumps({"cursor": cursor}))
+    parts = sorted(directory.glob("part-*.parquet"))
+    snapshot = directory / "labels.parquet"
+    frame = (
+        pl.concat([pl.read_parquet(p) for p in parts]).unique("label_id").sort("label_id")
+        if parts
+        else pl.DataFrame(schema=LABEL_SCHEMA)
+    )
+    _atomic_parquet(frame, snapshot)
+    return SnapshotResult(new, frame.height, cursor, snapshot)
+
+
+def per_model_stats(labels: pl.DataFrame) -> list[dict]:
+    """Labels, share judged relevant and mean P(relevant) per (backend, model, quantization)."""
+    if labels.height == 0:
+        return []
+    return (
+        labels.group_by("backend", "model_id", "quantization")
+        .agg(
+            pl.len().alias("labels"),
+            pl.col("relevant").mean().alias("relevant_rate"),
+            pl.col("p_relevant").mean().alias("mean_p_relevant"),
+            pl.col("quarantined").sum().alias("quarantined"),
+            pl.col("contributor_id").n_unique().alias("contributors"),
+        )
+        .sort("labels", descending=True)
+        .to_dicts()
+    )
+
+
+def cohens_kappa(a: list[bool], b: list[bool]) -> float:
+    """Cohen's κ of two binary raters; 1.0 when both agree perfectly even on a single class."""
+    n = len(a)
+    if n == 0 or n != len(b):
+        raise ValueError("cohens_kappa needs two equally long, non-empty label lists")
+    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
+    pa, pb = sum(a) / n, sum(b) / n
+    expected = pa * pb + (1 - pa) * (1 - pb)
+    if expected >= 1.0:
+        return 1.0 if observed == 1.0 else 0.0
+    return (observed - expected) / (1 - expected)
+
+
+def pairwise_kappa(labels: pl.DataFrame) -> tuple[float | None, int]:
+    """κ between the first two contributors' labels on every pair labeled by two or more (quarantine excluded)."""
+    usable = labels.filter(~pl.col("quarantined")).sort("label_id").unique(["pair_id", "contributor_id"], keep="first")
+    doubled = (
+        usable.group_by("pair_id", maintain_order=True)
+        .agg(pl.col("relevant").head(2).alias("votes"))
+        .filter(pl.col("votes").list.len() == 2)
+    )
+    if doubled.height == 0:
+        return None, 0
+    votes = doubled["votes"].to_list()
+    return cohens_kappa([v[0] for v in votes], [v[1] for v in votes]), doubled.height

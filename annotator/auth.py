@@ -145,9 +145,7 @@ def device_login(
                 interval += 5  # what GitHub's device flow asks of a client that polls too fast
                 continue
             if exc.detail == "expired_token":
-                raise LoginFailed(
-                    "the code expired before it was entered; run `annotator login` again"
-                ) from exc
+                raise LoginFailed("the code expired before it was entered; run `annotator login` again") from exc
             if exc.detail == "access_denied":
                 raise LoginFailed("sign-in was denied on GitHub") from exc
             raise

@@ -52,9 +52,7 @@ EXIT_ERROR, EXIT_NOT_LOGGED_IN, EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 3, 4, 5
 
 ServerOpt = Annotated[
     str | None,
-    typer.Option(
-        "--server", envvar="ANNOTATOR_SERVER", help="kombinat URL (default: the one you logged in to)."
-    ),
+    typer.Option("--server", envvar="ANNOTATOR_SERVER", help="kombinat URL (default: the one you logged in to)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output: one JSON object per line.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only warnings and errors.")]
@@ -72,9 +70,7 @@ ModelPathOpt = Annotated[
         help="Use this local model file/directory instead of downloading; it must hash to an admitted model.",
     ),
 ]
-ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads", help="CPU threads for llama.cpp (default: all).")
-]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp (default: all).")]
 
 err_console = Console(stderr=True)
 
@@ -137,9 +133,7 @@ def login(server: ServerOpt = None, json_mode: JsonOpt = False) -> None:
 
     def show(uri: str, code: str, expires: int) -> None:
         if json_mode:
-            print(
-                json.dumps({"event": "device_code", "verification_uri": uri, "user_code": code}), flush=True
-            )
+            print(json.dumps({"event": "device_code", "verification_uri": uri, "user_code": code}), flush=True)
         else:
             err_console.print(
                 f"Open [bold]{uri}[/] and enter the code [bold cyan]{code}[/] (valid {expires // 60} min)."
@@ -152,9 +146,7 @@ def login(server: ServerOpt = None, json_mode: JsonOpt = False) -> None:
             raise _fail(str(exc), EXIT_REFUSED, json_mode) from exc
     path = auth.save(creds)
     if json_mode:
-        print(
-            json.dumps({"event": "logged_in", "login": creds.login, "server": url, "token_file": str(path)})
-        )
+        print(json.dumps({"event": "logged_in", "login": creds.login, "server": url, "token_file": str(path)}))
     else:
         err_console.print(f"Logged in to {url} as [bold]{creds.login}[/]; token saved in {path}")
 
@@ -192,9 +184,7 @@ def whoami(server: ServerOpt = None, json_mode: JsonOpt = False) -> None:
         try:
             me = client.me()
         except (ApiError, Unavailable) as exc:
-            raise _fail(
-                str(exc), EXIT_REFUSED if isinstance(exc, ApiError) else EXIT_UNAVAILABLE, json_mode
-            ) from exc
+            raise _fail(str(exc), EXIT_REFUSED if isinstance(exc, ApiError) else EXIT_UNAVAILABLE, json_mode) from exc
     if json_mode:
         print(json.dumps({"server": url, **me}))
         return
@@ -300,9 +290,7 @@ def _print_doctor(report: dict[str, Any], hw: HardwareFacts) -> None:
         table.add_row("would use", report["choice_error"])
     journal = report.get("journal")
     if journal and journal["exists"]:
-        table.add_row(
-            "journal", f"{journal['open_batches']} open batches, {journal['pending_labels']} labels to send"
-        )
+        table.add_row("journal", f"{journal['open_batches']} open batches, {journal['pending_labels']} labels to send")
     console.print(table)
 
 
@@ -350,18 +338,14 @@ def run(
     backend: BackendOpt = None,
     model: ModelOpt = None,
     model_path: ModelPathOpt = None,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, max=2000, help="Pairs to claim at a time.")
-    ] = 200,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=2000, help="Pairs to claim at a time.")] = 200,
     max_pairs: Annotated[
         int | None, typer.Option("--max-pairs", min=1, help="Stop after labeling this many pairs.")
     ] = None,
     once: Annotated[
         bool, typer.Option("--once", help="Label one batch (or finish an interrupted one), then exit.")
     ] = False,
-    chunk_size: Annotated[
-        int, typer.Option("--chunk-size", min=1, max=500, help="Labels per submission.")
-    ] = 50,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, max=500, help="Labels per submission.")] = 50,
     threads: ThreadsOpt = None,
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -435,9 +419,7 @@ def run(
     except KeyboardInterrupt:
         reporter.close()
         pending = journal.total_pending()
-        err_console.print(
-            f"interrupted; {pending} finished labels kept in the journal, sent on the next start"
-        )
+        err_console.print(f"interrupted; {pending} finished labels kept in the journal, sent on the next start")
         code = 130
     except ApiError as exc:
         reporter.close()
@@ -447,9 +429,7 @@ def run(
         reporter.close()
         code = EXIT_UNAVAILABLE
         pending = journal.total_pending()
-        _fail(
-            f"{exc}; {pending} finished labels kept in the journal, sent on the next start", code, json_mode
-        )
+        _fail(f"{exc}; {pending} finished labels kept in the journal, sent on the next start", code, json_mode)
     except ModelError as exc:
         reporter.close()
         code = EXIT_ERROR
@@ -492,9 +472,7 @@ def bench(
         url = _server(server)
         registry, error = _fetch_registry(url)
         if registry is None:
-            raise _fail(
-                f"cannot read kombinat's registry ({error}); pass --model-path and --backend", 1, json_mode
-            )
+            raise _fail(f"cannot read kombinat's registry ({error}); pass --model-path and --backend", 1, json_mode)
         try:
             entry, model_path, _ = _resolve(
                 hw,

@@ -55,9 +55,7 @@ def _detail(response: httpx.Response) -> str:
     detail = body.get("detail") if isinstance(body, dict) else body
     if isinstance(detail, list):  # FastAPI's 422: a list of field errors
         return "; ".join(
-            f"{'.'.join(str(x) for x in err.get('loc', []))}: {err.get('msg')}"
-            if isinstance(err, dict)
-            else str(err)
+            f"{'.'.join(str(x) for x in err.get('loc', []))}: {err.get('msg')}" if isinstance(err, dict) else str(err)
             for err in detail
         )
     return str(detail)
@@ -132,9 +130,7 @@ class KombinatClient:
                 problem = f"HTTP {response.status_code}: {_detail(response)}"
             delay = self.backoff(attempt)
             if time.monotonic() - start + delay > self.max_elapsed:
-                raise Unavailable(
-                    f"kombinat at {self.base_url} unavailable for {self.max_elapsed:g}s: {problem}"
-                )
+                raise Unavailable(f"kombinat at {self.base_url} unavailable for {self.max_elapsed:g}s: {problem}")
             attempt += 1
             if self.on_retry:
                 self.on_retry(attempt, delay, problem)
@@ -161,9 +157,7 @@ class KombinatClient:
         return self._request("POST", "/batches/claim", json={"size": size, "model": dict(model)})
 
     def submit(self, batch_id: str, model: Mapping[str, str], labels: list[dict[str, Any]]) -> dict[str, Any]:
-        return self._request(
-            "POST", f"/batches/{batch_id}/labels", json={"model": dict(model), "labels": labels}
-        )
+        return self._request("POST", f"/batches/{batch_id}/labels", json={"model": dict(model), "labels": labels})
 
     def release(self, batch_id: str, pair_ids: list[str] | None) -> dict[str, Any]:
         return self._request("POST", f"/batches/{batch_id}/release", json={"pair_ids": pair_ids})

@@ -123,9 +123,7 @@ def parse_nvidia_smi(output: str) -> tuple[GPU, ...]:
             mib = float(parts[1])
         except ValueError:
             continue
-        gpus.append(
-            GPU(name=parts[0], memory_gb=round(mib / 1024, 1), driver=parts[2] if len(parts) > 2 else "")
-        )
+        gpus.append(GPU(name=parts[0], memory_gb=round(mib / 1024, 1), driver=parts[2] if len(parts) > 2 else ""))
     return tuple(gpus)
 
 

@@ -117,20 +117,16 @@ class Journal:
     ) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO batches (batch_id, model, lease_expires_at, claimed_at)"
-                " VALUES (?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO batches (batch_id, model, lease_expires_at, claimed_at) VALUES (?, ?, ?, ?)",
                 (batch_id, json.dumps(model, sort_keys=True), lease_expires_at, time.time()),
             )
             db.executemany(
-                "INSERT OR IGNORE INTO pairs (batch_id, pair_id, position, query, document)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO pairs (batch_id, pair_id, position, query, document) VALUES (?, ?, ?, ?, ?)",
                 [(batch_id, p.pair_id, i, p.query, p.document) for i, p in enumerate(pairs)],
             )
 
     def set_lease(self, batch_id: str, lease_expires_at: str | None) -> None:
-        self.db.execute(
-            "UPDATE batches SET lease_expires_at = ? WHERE batch_id = ?", (lease_expires_at, batch_id)
-        )
+        self.db.execute("UPDATE batches SET lease_expires_at = ? WHERE batch_id = ?", (lease_expires_at, batch_id))
 
     def open_batches(self) -> list[OpenBatch]:
         rows = self.db.execute(
@@ -159,16 +155,14 @@ class Journal:
     # --- pairs and labels -----------------------------------------------------------------------------
     def unlabeled(self, batch_id: str) -> list[Pair]:
         rows = self.db.execute(
-            "SELECT pair_id, query, document FROM pairs"
-            " WHERE batch_id = ? AND state = 'leased' ORDER BY position",
+            "SELECT pair_id, query, document FROM pairs WHERE batch_id = ? AND state = 'leased' ORDER BY position",
             (batch_id,),
         ).fetchall()
         return [Pair(r["pair_id"], r["query"], r["document"]) for r in rows]
 
     def record_label(self, batch_id: str, label: dict[str, Any]) -> None:
         cur = self.db.execute(
-            "UPDATE pairs SET state = 'labeled', label = ?"
-            " WHERE batch_id = ? AND pair_id = ? AND state = 'leased'",
+            "UPDATE pairs SET state = 'labeled', label = ? WHERE batch_id = ? AND pair_id = ? AND state = 'leased'",
             (json.dumps(label), batch_id, label["pair_id"]),
         )
         if cur.rowcount != 1:
@@ -208,6 +202,8 @@ def peek(path: Path) -> dict[str, Any]:
     try:
         batches = db.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
         pending = db.execute("SELECT COUNT(*) FROM pairs WHERE state = 'labeled'").fetchone()[0]
+    except sqlite3.OperationalError:  # created a moment ago, schema not written yet: nothing in it
+        batches = pending = 0
     finally:
         db.close()
     return {"path": str(path), "exists": True, "open_batches": int(batches), "pending_labels": int(pending)}

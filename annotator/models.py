@@ -133,9 +133,7 @@ def candidate_devices(hw: HardwareFacts, backend: str | None, reasons: list[str]
             devices.append("nvidia")
             reasons.append(f"NVIDIA GPU found ({hw.gpus[0].name}, {hw.gpu_memory_gb:g} GB): vLLM")
         else:
-            reasons.append(
-                f"NVIDIA GPU found but vLLM is not installed (pip install '{INSTALL_HINT['vllm']}')"
-            )
+            reasons.append(f"NVIDIA GPU found but vLLM is not installed (pip install '{INSTALL_HINT['vllm']}')")
     if hw.apple_silicon:
         if hw.backends_installed.get("mlx"):
             devices.append("apple")
@@ -175,9 +173,7 @@ def choose_model(
                 continue
             match = next((e for e in admitted if _matches(rule, e)), None)
             if match is None:
-                reasons.append(
-                    f"table: {rule.model_id} {rule.quantization} fits, but kombinat does not admit it"
-                )
+                reasons.append(f"table: {rule.model_id} {rule.quantization} fits, but kombinat does not admit it")
                 continue
             reasons.append(
                 f"table: {rule.model_id} {rule.quantization} (needs ≥ {rule.min_memory_gb:g} GB, have "
@@ -185,9 +181,7 @@ def choose_model(
             )
             return Choice(match, rule.backend, reasons, rule)
         # None of the table's models is admitted: take the largest admitted model this device can hold.
-        fitting = [
-            e for e in admitted if DEVICE_OF_BACKEND.get(e.backend) == device and e.min_memory_gb <= memory
-        ]
+        fitting = [e for e in admitted if DEVICE_OF_BACKEND.get(e.backend) == device and e.min_memory_gb <= memory]
         if fitting:
             best = max(fitting, key=lambda e: (e.min_memory_gb, e.size_bytes))
             reasons.append(
@@ -213,9 +207,7 @@ def sha256_file(path: Path) -> str:
 def sha256_tree(root: Path) -> str:
     """A directory checkpoint's hash: sha256 over sorted ``relative/path\\tsha256`` lines of its files."""
     lines = []
-    for path in sorted(
-        p for p in root.rglob("*") if p.is_file() and ".cache" not in p.relative_to(root).parts
-    ):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.relative_to(root).parts):
         lines.append(f"{path.relative_to(root).as_posix()}\t{sha256_file(path)}\n")
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
@@ -264,9 +256,7 @@ def verify(path: Path, entry: RegistryEntry, hashes: VerifiedHashes) -> None:
         )
 
 
-def entry_for_local_path(
-    path: Path, registry: Iterable[RegistryEntry], hashes: VerifiedHashes
-) -> RegistryEntry:
+def entry_for_local_path(path: Path, registry: Iterable[RegistryEntry], hashes: VerifiedHashes) -> RegistryEntry:
     """The admitted registry entry a local model file is (identified by its sha256, not by its name)."""
     digest = hashes.get(path)
     for entry in registry:
@@ -294,17 +284,13 @@ def download(
         try:
             import huggingface_hub
         except ImportError as exc:  # pragma: no cover - the backend extras all bring it
-            raise ModelError(
-                "huggingface_hub is not installed: pip install 'embedkomb[cpu]' (or gpu/mlx)"
-            ) from exc
+            raise ModelError("huggingface_hub is not installed: pip install 'embedkomb[cpu]' (or gpu/mlx)") from exc
         if not progress:
             huggingface_hub.utils.disable_progress_bars()
         hf_hub_download = hf_hub_download or huggingface_hub.hf_hub_download
         snapshot_download = snapshot_download or huggingface_hub.snapshot_download
     if entry.hub_file:
-        path = Path(
-            hf_hub_download(repo_id=entry.hub_repo, filename=entry.hub_file, cache_dir=str(cache_dir))
-        )
+        path = Path(hf_hub_download(repo_id=entry.hub_repo, filename=entry.hub_file, cache_dir=str(cache_dir)))
     else:
         path = Path(snapshot_download(repo_id=entry.hub_repo, cache_dir=str(cache_dir)))
     verify(path, entry, hashes)

@@ -73,9 +73,7 @@ class JsonReporter(Reporter):
         self.out = out or sys.stdout
 
     def _emit(self, event: str, **fields: Any) -> None:
-        print(
-            json.dumps({"event": event, "time": round(time.time(), 3), **fields}), file=self.out, flush=True
-        )
+        print(json.dumps({"event": event, "time": round(time.time(), 3), **fields}), file=self.out, flush=True)
 
     def start(self, info: dict[str, Any]) -> None:
         self._emit("start", **info)
@@ -149,9 +147,7 @@ class RichReporter(Reporter):
 
     def submitted(self, batch_id: str, sent: int, accepted: int, duplicates: int) -> None:
         note = f" ({duplicates} already there)" if duplicates else ""
-        self.progress.console.print(
-            f"  sent {sent} labels of batch {batch_id[:8]}: {accepted} accepted{note}"
-        )
+        self.progress.console.print(f"  sent {sent} labels of batch {batch_id[:8]}: {accepted} accepted{note}")
 
     def idle(self, seconds: float) -> None:
         self.progress.console.print(f"  no work available; asking again in {seconds:.0f}s")

@@ -66,8 +66,7 @@ _SAMPLES: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "capital of australia": (
-        "Canberra is the capital city of Australia; it was purpose-built and became the seat of "
-        "government in 1927.",
+        "Canberra is the capital city of Australia; it was purpose-built and became the seat of government in 1927.",
         [
             "Sydney is Australia's largest city and is known for its harbour and opera house.",
             "Australia is both a country and a continent, and it has six states.",

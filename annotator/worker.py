@@ -104,9 +104,7 @@ class Worker:
                 return f"--max-pairs {self.config.max_pairs} reached"
             size = self.config.batch_size if left is None else min(self.config.batch_size, left)
             batch = self.client.claim(size, self.model.as_dict())
-            pairs = [
-                Pair(str(p["pair_id"]), str(p["query"]), str(p["document"])) for p in batch.get("pairs", [])
-            ]
+            pairs = [Pair(str(p["pair_id"]), str(p["query"]), str(p["document"])) for p in batch.get("pairs", [])]
             if not pairs:
                 if self.config.once:
                     return "no work available (--once)"
@@ -217,8 +215,6 @@ class Worker:
 
     def _drop(self, batch_id: str, exc: ApiError) -> None:
         lost = self.journal.count(batch_id, "labeled") + self.journal.count(batch_id, "leased")
-        self.reporter.warn(
-            f"lease of batch {batch_id[:8]} lost ({exc.detail}); dropping its {lost} remaining pairs"
-        )
+        self.reporter.warn(f"lease of batch {batch_id[:8]} lost ({exc.detail}); dropping its {lost} remaining pairs")
         self.totals.lost_batches += 1
         self.journal.close_batch(batch_id)

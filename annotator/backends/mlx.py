@@ -39,9 +39,7 @@ class MLXBackend(Backend):
         self._make_cache = make_prompt_cache
         self.model, self.tokenizer = load(str(model_path))
         self.cache = make_prompt_cache(self.model)
-        rendered = self.tokenizer.apply_chat_template(
-            sentinel_messages(), tokenize=False, add_generation_prompt=True
-        )
+        rendered = self.tokenizer.apply_chat_template(sentinel_messages(), tokenize=False, add_generation_prompt=True)
         # The rendered template already spells out any BOS; template text is encoded with special tokens on.
         self.builder = PromptBuilder(
             PromptTemplate.from_rendered(rendered),

@@ -68,9 +68,7 @@ class VLLMBackend(Backend):
         self.engine = engine
         self.tokenizer = engine.get_tokenizer()
         self.micro_batch = micro_batch
-        rendered = self.tokenizer.apply_chat_template(
-            sentinel_messages(), tokenize=False, add_generation_prompt=True
-        )
+        rendered = self.tokenizer.apply_chat_template(sentinel_messages(), tokenize=False, add_generation_prompt=True)
         # The rendered template already spells out any BOS; template text is encoded with special tokens on.
         self.builder = PromptBuilder(
             PromptTemplate.from_rendered(rendered),

@@ -89,9 +89,7 @@ class FakeKombinat:
         if path.endswith("/release"):
             batch = self.batches[path.split("/")[-2]]
             ids = body.get("pair_ids")
-            released = [
-                pid for pid in batch["pairs"] if pid not in self.labels and (ids is None or pid in ids)
-            ]
+            released = [pid for pid in batch["pairs"] if pid not in self.labels and (ids is None or pid in ids)]
             batch["pairs"] -= set(released)
             return httpx.Response(200, json={"released": len(released)})
         return httpx.Response(404, json={"detail": f"no route {path}"})

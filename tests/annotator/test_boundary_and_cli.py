@@ -30,10 +30,7 @@ print(json.dumps(bad))
     assert json.loads(out.stdout) == []
     # Backend libraries load only when a backend is constructed.
     check = "import annotator.backends.vllm, annotator.backends.mlx, sys; print('vllm' in sys.modules)"
-    assert (
-        subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout.strip()
-        == "False"
-    )
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout.strip() == "False"
 
 
 def test_help_explains_every_command() -> None:

@@ -180,9 +180,7 @@ def test_download_verifies_the_sha256(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="refusing"):
         download(bad, tmp_path / "cache", hashes, hf_hub_download=fake_hf_hub_download,
                  snapshot_download=lambda **kw: "")  # fmt: skip
-    unpinned = RegistryEntry(
-        "m", "llama_cpp", "org/m", "Q4_K_M", hub_repo="r", hub_file="m.gguf", admitted=True
-    )
+    unpinned = RegistryEntry("m", "llama_cpp", "org/m", "Q4_K_M", hub_repo="r", hub_file="m.gguf", admitted=True)
     with pytest.raises(ModelError, match="no sha256"):
         download(unpinned, tmp_path / "cache", hashes, hf_hub_download=fake_hf_hub_download,
                  snapshot_download=lambda **kw: "")  # fmt: skip

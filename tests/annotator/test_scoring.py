@@ -135,9 +135,7 @@ def test_prompt_builder_shares_the_prefix_within_a_query() -> None:
     one = b.build("red apples", "doc one")
     two = b.build("red apples", "another document here")
     assert one.prefix == two.prefix
-    assert one.prefix == tok("sys instruction Query:", True) + tok("red apples", False) + tok(
-        " Document:", True
-    )
+    assert one.prefix == tok("sys instruction Query:", True) + tok("red apples", False) + tok(" Document:", True)
     assert not one.truncated and not two.truncated
     assert one.rest[-2:] == tok(" question answer:", True)
 

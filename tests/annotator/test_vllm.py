@@ -46,9 +46,7 @@ class FakeHFTokenizer:
             rest = rest[pos + len(special) :]
         return ids
 
-    def apply_chat_template(
-        self, msgs: list[dict[str, str]], tokenize: bool, add_generation_prompt: bool
-    ) -> str:
+    def apply_chat_template(self, msgs: list[dict[str, str]], tokenize: bool, add_generation_prompt: bool) -> str:
         out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
         return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 

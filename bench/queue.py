@@ -74,6 +74,31 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of processes (Linux /proc), to show where the machine's CPU went."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
 def truth(pair_id: str) -> bool:
     return hashlib.blake2b(pair_id.encode(), digest_size=1).digest()[0] < 128
 
@@ -82,6 +107,9 @@ def truth(pair_id: str) -> bool:
 class Stats:
     claim_lat: list[float] = field(default_factory=list)
     submit_lat: list[float] = field(default_factory=list)
+    # (finished at, latency, pairs) per claim, for the steady-state view
+    claim_log: list[tuple[float, float, int]] = field(default_factory=list)
+    submit_log: list[tuple[float, float]] = field(default_factory=list)
     claims: int = 0
     empty_claims: int = 0
     accepted: int = 0
@@ -105,11 +133,12 @@ async def annotator(
     drained: asyncio.Event,
     queue_open: Any,
     seed: int,
+    rate: float,
 ) -> None:
     # One client (one keep-alive connection) per annotator, as separate volunteer machines would have; a
     # single shared pool also costs httpcore time quadratic in its number of connections.
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-        await _annotate(http, cid, token, gold, batch_size, noise, stats, drained, queue_open, seed)
+        await _annotate(http, cid, token, gold, batch_size, noise, stats, drained, queue_open, seed, rate)
 
 
 async def _annotate(
@@ -123,15 +152,20 @@ async def _annotate(
     drained: asyncio.Event,
     queue_open: Any,
     seed: int,
+    rate: float,
 ) -> None:
     rng = random.Random(seed)
     headers = bearer(token)
     model = model_info()
+    if rate > 0:
+        # Volunteers do not all start in the same millisecond: spread the first claims over two seconds.
+        await asyncio.sleep(rng.random() * 2.0)
     while not drained.is_set():
         t0 = time.perf_counter()
         resp = await http.post("/api/v1/batches/claim", json={"size": batch_size, "model": model}, headers=headers)
         t1 = time.perf_counter()
         stats.claim_lat.append(t1 - t0)
+        stats.claim_log.append((t1, t1 - t0, len(resp.json().get("pairs", [])) if resp.status_code == 200 else 0))
         if resp.status_code != 200:
             stats.errors[f"claim {resp.status_code}"] += 1
             await asyncio.sleep(0.05)
@@ -152,6 +186,9 @@ async def _annotate(
                 stats.leases[p["pair_id"]].append([t1, float("inf")])
         for i in range(0, len(pairs), CHUNK):
             chunk = pairs[i : i + CHUNK]
+            if rate > 0:
+                # The simulated model's labeling time for this chunk, before it is sent.
+                await asyncio.sleep(len(chunk) / rate)
             labels = []
             for p in chunk:
                 pid = p["pair_id"]
@@ -171,6 +208,7 @@ async def _annotate(
             )
             te = time.perf_counter()
             stats.submit_lat.append(te - ts)
+            stats.submit_log.append((te, te - ts))
             if r.status_code != 200:
                 stats.errors[f"submit {r.status_code}: {r.text[:100]}"] += 1
                 continue
@@ -236,9 +274,10 @@ def bare_ceiling(database_url: str, n_pairs: int, batch_size: int, threads: int,
                     with conn.transaction():
                         conn.execute(
                             kq.SUBMIT_SQL,
-                            {"ids": chunk, "relevant": [True] * len(chunk), "p": [0.9] * len(chunk),
-                             "grade": [None] * len(chunk), "truncated": [False] * len(chunk),
-                             "seconds": [0.1] * len(chunk), "bid": bid, "cid": cid, **model, "lease": 900.0,
+                            {"labels": json.dumps([{"pair_id": str(p), "relevant": True, "p_relevant": 0.9,
+                                                    "grade": None, "truncated": False, "seconds": 0.1}
+                                                   for p in chunk]),
+                             "bid": bid, "cid": cid, **model, "lease": 900.0,
                              "min_agree": 0.66, "max_per_tier": 3, "max_tier": 1},
                         ).fetchall()  # fmt: skip
                     with lock:
@@ -276,6 +315,12 @@ def main() -> int:
     ap.add_argument("--ceiling-pairs", type=int, default=100_000)
     ap.add_argument("--ceiling-threads", type=int, default=4)
     ap.add_argument("--ceiling-seconds", type=float, default=20.0)
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="labels/s each simulated annotator produces (its model's speed); 0 = no labeling time (saturation)",
+    )
     ap.add_argument("--keep-db", action="store_true")
     ap.add_argument("--json-out", default="")
     args = ap.parse_args()
@@ -350,14 +395,32 @@ def main() -> int:
             t_start = time.perf_counter()
             await asyncio.gather(
                 *[
-                    annotator(url, cid, tok, gold, args.batch_size, args.noise, stats, drained, queue_open, i)
+                    annotator(
+                        url, cid, tok, gold, args.batch_size, args.noise, stats, drained, queue_open, i, args.rate
+                    )
                     for i, (cid, tok) in enumerate(annotators)
                 ]
             )
             return time.perf_counter() - t_start
 
         print(f"driving {args.annotators} annotators, batches of {args.batch_size}, chunks of {CHUNK} ...")
+        server_pids = [proc.pid, *children(proc.pid)]
+        pg_pids = [
+            r[0] for r in check_conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        ]
+        cpu0 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), cpu_seconds(pg_pids), os.times().elapsed)
         elapsed = asyncio.run(drive())
+        pg_pids = sorted(
+            set(pg_pids)
+            | {r[0] for r in check_conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")}
+        )
+        cpu1 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), cpu_seconds(pg_pids), os.times().elapsed)
+        wall = cpu1[3] - cpu0[3]
+        cpu_share = {
+            "load_generator": round((cpu1[0] - cpu0[0]) / wall, 2),
+            "kombinat_workers": round((cpu1[1] - cpu0[1]) / wall, 2),
+            "postgres_backends": round((cpu1[2] - cpu0[2]) / wall, 2),
+        }
         stop_server(proc)
         proc = None
 
@@ -369,6 +432,11 @@ def main() -> int:
         per_window = [windows[k] / 5 for k in sorted(windows)]
         core = per_window[1:-2] if len(per_window) > 4 else per_window
         sustained = statistics.median(core) if core else 0.0
+        # Steady state: from the end of the first 5 s window to the start of the last two (drain-out).
+        t_lo = t_first + 5
+        t_hi = t_first + 5 * max(1, len(per_window) - 2)
+        steady_claims = [lat for t, lat, _ in stats.claim_log if t_lo <= t <= t_hi]
+        steady_submits = [lat for t, lat in stats.submit_log if t_lo <= t <= t_hi]
 
         # Server-side truth.
         with psycopg.connect(dsn) as conn:
@@ -426,6 +494,17 @@ def main() -> int:
             "claim_p99_ms": round(pct(stats.claim_lat, 0.99) * 1000, 1),
             "submit_p50_ms": round(pct(stats.submit_lat, 0.5) * 1000, 1),
             "submit_p99_ms": round(pct(stats.submit_lat, 0.99) * 1000, 1),
+            "steady_state": {
+                "claims": len(steady_claims),
+                "claim_p50_ms": round(pct(steady_claims, 0.5) * 1000, 1),
+                "claim_p99_ms": round(pct(steady_claims, 0.99) * 1000, 1),
+                "submits": len(steady_submits),
+                "submit_p50_ms": round(pct(steady_submits, 0.5) * 1000, 1),
+                "submit_p99_ms": round(pct(steady_submits, 0.99) * 1000, 1),
+            },
+            "slowest_claims_s_after_start": sorted(
+                ((round(lat * 1000), round(t - t_first, 1), n) for t, lat, n in stats.claim_log), reverse=True
+            )[:8],
             "duplicates_reported": stats.duplicates,
             "ordinary_leases": ordinary_leases,
             "pair_states": states,
@@ -433,6 +512,8 @@ def main() -> int:
             "labels_per_pair": labels_per_pair,
             "quarantined_batches": quarantined,
             "errors": dict(stats.errors),
+            "cores_used_during_drive": cpu_share,
+            "rate_per_annotator": args.rate or "unpaced",
             "checks": checks,
         }
         print(json.dumps(result, indent=2))

@@ -10,9 +10,13 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Depends, HTTPException, Request, status
+from psycopg import Cursor
 from sqlalchemy import Connection
+
+from kombinat_api.db import transaction
 
 TOKEN_PREFIX = "kmb_"
 
@@ -75,8 +79,8 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def resolve(conn: Connection, token: str, contributor_limit: int, admin_limit: int) -> Principal:
-    row = conn.exec_driver_sql(RESOLVE_SQL, {"h": hash_token(token)}).one_or_none()
+def resolve(cur: Cursor[Any], token: str, contributor_limit: int, admin_limit: int) -> Principal:
+    row = cur.execute(RESOLVE_SQL, {"h": hash_token(token)}).fetchone()
     if row is None:
         raise unauthorized("Invalid or revoked token: sign in again to get a new one.")
     cid, login, is_admin, trusted, good, banned, count, retry_after = row
@@ -107,8 +111,8 @@ def rate_limit_key(conn: Connection, key: str, limit: int) -> None:
 def current_principal(request: Request) -> Principal:
     state = request.app.state
     token = bearer_token(request)
-    with state.engine.begin() as conn:
-        return resolve(conn, token, state.settings.rate_limit_per_minute, state.settings.admin_rate_limit_per_minute)
+    with transaction(state.engine) as cur:
+        return resolve(cur, token, state.settings.rate_limit_per_minute, state.settings.admin_rate_limit_per_minute)
 
 
 def require_admin(principal: Principal = Depends(current_principal)) -> Principal:

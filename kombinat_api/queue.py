@@ -7,12 +7,14 @@ short transaction on a pooled connection. Parameters use psycopg's ``%(name)s`` 
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from psycopg import Cursor
 from sqlalchemy import Connection
 
 # --------------------------------------------------------------------------------------------------------
@@ -21,19 +23,21 @@ from sqlalchemy import Connection
 
 ENQUEUE_SQL = """
 WITH input AS (
-    SELECT * FROM unnest(%(ids)s::uuid[], %(queries)s::text[], %(documents)s::text[], %(splits)s::text[],
-                         %(cycles)s::text[], %(priorities)s::float8[])
-        AS t(pair_id, query, document, split, cycle, priority)
+    SELECT * FROM json_to_recordset(%(pairs)s::json)
+        AS t(pair_id uuid, query text, document text, split text, cycle text, priority float8)
 ), ins AS (
     INSERT INTO pair (pair_id, split, cycle, priority, is_honeypot, state)
     SELECT pair_id, split, cycle, priority, %(honeypot)s,
            CASE WHEN %(honeypot)s THEN 'honeypot' ELSE 'queued' END
     FROM input
+    -- Stored hardest first, so the rows one claim takes (and their text) sit on few pages.
+    ORDER BY priority DESC
     ON CONFLICT (pair_id) DO NOTHING
     RETURNING pair_id
 ), content AS (
     INSERT INTO pair_content (pair_id, query, document)
     SELECT i.pair_id, i.query, i.document FROM input i JOIN ins USING (pair_id)
+    ORDER BY i.priority DESC
     ON CONFLICT (pair_id) DO NOTHING
 )
 SELECT count(*) FROM ins
@@ -44,26 +48,27 @@ def enqueue_pairs(conn: Connection, pairs: Sequence[dict[str, Any]], honeypot: b
     """Insert pairs that are not there yet in one set-based statement; returns how many were new."""
     if not pairs:
         return 0
-    row = conn.exec_driver_sql(
-        ENQUEUE_SQL,
+    # One JSON document instead of per-column arrays: the driver sends one string instead of dumping
+    # every element in Python, and PostgreSQL unpacks it with json_to_recordset.
+    rows = [
         {
-            "ids": [p["pair_id"] for p in pairs],
-            "queries": [p["query"] for p in pairs],
-            "documents": [p["document"] for p in pairs],
-            "splits": [p.get("split", "honeypot") for p in pairs],
-            "cycles": [p.get("cycle", "") for p in pairs],
-            "priorities": [float(p.get("priority", 0.0)) for p in pairs],
-            "honeypot": honeypot,
-        },
-    ).one()
+            "pair_id": str(p["pair_id"]),
+            "query": p["query"],
+            "document": p["document"],
+            "split": p.get("split", "honeypot"),
+            "cycle": p.get("cycle", ""),
+            "priority": float(p.get("priority", 0.0)),
+        }
+        for p in pairs
+    ]
+    row = conn.exec_driver_sql(ENQUEUE_SQL, {"pairs": json.dumps(rows), "honeypot": honeypot}).one()
     return int(row[0])
 
 
 HONEYPOT_GOLD_SQL = """
 INSERT INTO honeypot (pair_id, relevant, grade, source)
 SELECT t.pair_id, t.relevant, t.grade, t.source
-FROM unnest(%(ids)s::uuid[], %(relevant)s::bool[], %(grades)s::smallint[], %(sources)s::text[])
-    AS t(pair_id, relevant, grade, source)
+FROM json_to_recordset(%(gold)s::json) AS t(pair_id uuid, relevant boolean, grade smallint, source text)
 JOIN pair p ON p.pair_id = t.pair_id AND p.is_honeypot
 ON CONFLICT (pair_id) DO NOTHING
 """
@@ -75,15 +80,16 @@ def enqueue_honeypots(conn: Connection, honeypots: Sequence[dict[str, Any]]) -> 
         conn, [{**h, "split": "honeypot", "cycle": "", "priority": 0.0} for h in honeypots], honeypot=True
     )
     if honeypots:
-        conn.exec_driver_sql(
-            HONEYPOT_GOLD_SQL,
+        gold = [
             {
-                "ids": [h["pair_id"] for h in honeypots],
-                "relevant": [bool(h["relevant"]) for h in honeypots],
-                "grades": [h.get("grade") for h in honeypots],
-                "sources": [h.get("source", "") for h in honeypots],
-            },
-        )
+                "pair_id": str(h["pair_id"]),
+                "relevant": bool(h["relevant"]),
+                "grade": h.get("grade"),
+                "source": h.get("source", ""),
+            }
+            for h in honeypots
+        ]
+        conn.exec_driver_sql(HONEYPOT_GOLD_SQL, {"gold": json.dumps(gold)})
     return inserted
 
 
@@ -96,20 +102,37 @@ def enqueue_honeypots(conn: Connection, honeypots: Sequence[dict[str, Any]]) -> 
 # Both lock with SKIP LOCKED so concurrent claimers never wait on each other and never get the same row.
 # The answer is sorted by pair_id, so the honeypots' position says nothing.
 CLAIM_SQL = """
-WITH m AS (
+WITH async_commit AS (
+    -- A claim lost in a database crash costs nothing: its pairs are simply still claimable and a label
+    -- sent for the lost batch is refused, so this commit need not wait for the WAL flush.
+    SELECT set_config('synchronous_commit', 'off', true) AS s
+), m AS (
     SELECT max(tier) AS tier FROM model
     WHERE backend = %(backend)s AND model_id = %(model_id)s AND quantization = %(quantization)s AND admitted
+), hp_start AS (
+    SELECT gen_random_uuid() AS u
 ), hp_pick AS (
-    SELECT h.pair_id FROM honeypot h
-    WHERE (SELECT tier FROM m) IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
-                      WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s)
-      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = %(cid)s)
-    ORDER BY random()
+    -- Honeypots from a random point of the (random) ID space onwards, wrapping around: an index range
+    -- scan instead of sorting every honeypot by random() on each claim.
+    SELECT pair_id FROM (
+        (SELECT h.pair_id FROM honeypot h
+         WHERE h.pair_id >= (SELECT u FROM hp_start) AND (SELECT tier FROM m) IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
+                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s)
+           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = %(cid)s)
+         ORDER BY h.pair_id LIMIT %(n)s)
+        UNION ALL
+        (SELECT h.pair_id FROM honeypot h
+         WHERE h.pair_id < (SELECT u FROM hp_start) AND (SELECT tier FROM m) IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
+                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s)
+           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = %(cid)s)
+         ORDER BY h.pair_id LIMIT %(n)s)
+    ) wrapped
     -- randomized rounding keeps the expected share exact for any batch size; one slot stays ordinary
     LIMIT least(floor(%(hp_expected)s + random())::int, %(n)s - 1)
 ), exp AS (
-    SELECT p.pair_id FROM pair p
+    SELECT p.pair_id, p.ctid AS tid FROM pair p
     WHERE p.state = 'leased' AND p.lease_expires_at < now() AND p.tier <= (SELECT tier FROM m)
       AND NOT EXISTS (SELECT 1 FROM batch b WHERE b.batch_id = p.lease_batch_id
                       AND b.expires_at > now() AND b.released_at IS NULL)
@@ -118,14 +141,14 @@ WITH m AS (
     LIMIT %(n)s - (SELECT count(*) FROM hp_pick)
     FOR UPDATE OF p SKIP LOCKED
 ), fresh AS (
-    SELECT p.pair_id FROM pair p
+    SELECT p.pair_id, p.ctid AS tid FROM pair p
     WHERE p.state = 'queued' AND p.tier <= (SELECT tier FROM m)
       AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = p.pair_id AND l.contributor_id = %(cid)s)
     ORDER BY p.tier DESC, p.priority DESC
     LIMIT greatest(%(n)s - (SELECT count(*) FROM hp_pick) - (SELECT count(*) FROM exp), 0)
     FOR UPDATE OF p SKIP LOCKED
 ), picked AS (
-    SELECT pair_id FROM exp UNION ALL SELECT pair_id FROM fresh
+    SELECT pair_id, tid FROM exp UNION ALL SELECT pair_id, tid FROM fresh
 ), hp AS (
     -- never a batch of honeypots alone: with no ordinary pair to hide among they would be obvious
     SELECT pair_id FROM hp_pick WHERE EXISTS (SELECT 1 FROM picked)
@@ -140,8 +163,9 @@ WITH m AS (
 ), leased AS (
     UPDATE pair p SET state = 'leased', lease_batch_id = %(bid)s,
                       lease_expires_at = now() + make_interval(secs => %(lease)s)
-    -- = ANY(ARRAY(...)) pins the plan to primary-key probes; a join here drifts into a scan of the table
-    WHERE p.pair_id = ANY(ARRAY(SELECT pair_id FROM picked))
+    -- The rows are locked by this statement, so their physical addresses are stable: a TID scan updates
+    -- them without searching the primary key again (a join here even drifted into a full table scan).
+    WHERE p.ctid = ANY(ARRAY(SELECT tid FROM picked))
     RETURNING p.pair_id
 ), hpi AS (
     INSERT INTO batch_honeypot (batch_id, pair_id, contributor_id)
@@ -149,7 +173,8 @@ WITH m AS (
 )
 SELECT h.tier, h.expires_at, c.pair_id, c.query, c.document
 FROM (SELECT (SELECT tier FROM m) AS tier,
-             coalesce((SELECT expires_at FROM nb), now() + make_interval(secs => %(lease)s)) AS expires_at) h
+             coalesce((SELECT expires_at FROM nb), now() + make_interval(secs => %(lease)s)) AS expires_at,
+             (SELECT s FROM async_commit) AS s) h
 LEFT JOIN pair_content c
     ON c.pair_id = ANY(ARRAY(SELECT pair_id FROM leased UNION ALL SELECT pair_id FROM hp))
 ORDER BY c.pair_id
@@ -165,7 +190,7 @@ class ClaimResult:
 
 
 def claim(
-    conn: Connection,
+    cur: Cursor[Any],
     contributor_id: int,
     size: int,
     model: dict[str, str],
@@ -175,7 +200,7 @@ def claim(
     """Lease up to ``size`` pairs (honeypots included) to the contributor in one statement."""
     batch_id = uuid.uuid4()
     fraction = min(max(honeypot_fraction, 0.0), 0.9)
-    rows = conn.exec_driver_sql(
+    rows = cur.execute(
         CLAIM_SQL,
         {
             "backend": model["backend"],
@@ -188,7 +213,7 @@ def claim(
             "bid": batch_id,
             "lease": float(lease_seconds),
         },
-    ).all()
+    ).fetchall()
     tier = rows[0][0]
     if tier is None:
         return ClaimResult(admitted=False, batch_id=batch_id, expires_at=rows[0][1])
@@ -205,9 +230,8 @@ def claim(
 # verification forward through kombinat_next(); the batch's lease is extended.
 SUBMIT_SQL = """
 WITH inp AS (
-    SELECT * FROM unnest(%(ids)s::uuid[], %(relevant)s::bool[], %(p)s::real[], %(grade)s::smallint[],
-                         %(truncated)s::bool[], %(seconds)s::real[])
-        AS t(pair_id, relevant, p_relevant, grade, truncated, seconds)
+    SELECT * FROM json_to_recordset(%(labels)s::json)
+        AS t(pair_id uuid, relevant boolean, p_relevant real, grade smallint, truncated boolean, seconds real)
 ), b AS (
     SELECT batch_id, contributor_id, tier, quarantined,
            (expires_at > now() AND released_at IS NULL) AS live, expires_at
@@ -294,25 +318,21 @@ class SubmitResult:
 
 
 def submit(
-    conn: Connection,
+    cur: Cursor[Any],
     contributor_id: int,
     batch_id: uuid.UUID,
-    labels: Sequence[dict[str, Any]],
+    labels_json: str,
     model: dict[str, str],
     lease_seconds: int,
     min_agreement: float,
     max_labels_per_tier: int,
     max_tier: int,
 ) -> SubmitResult:
-    row = conn.exec_driver_sql(
+    """``labels_json``: a JSON array of {pair_id, relevant, p_relevant, grade, truncated, seconds}."""
+    row = cur.execute(
         SUBMIT_SQL,
         {
-            "ids": [lab["pair_id"] for lab in labels],
-            "relevant": [bool(lab["relevant"]) for lab in labels],
-            "p": [float(lab["p_relevant"]) for lab in labels],
-            "grade": [lab.get("grade") for lab in labels],
-            "truncated": [bool(lab.get("truncated", False)) for lab in labels],
-            "seconds": [float(lab.get("seconds", 0.0)) for lab in labels],
+            "labels": labels_json,
             "bid": batch_id,
             "cid": contributor_id,
             "backend": model["backend"],
@@ -324,7 +344,8 @@ def submit(
             "max_per_tier": int(max_labels_per_tier),
             "max_tier": int(max_tier),
         },
-    ).one()
+    ).fetchone()
+    assert row is not None
     n_dup, owner, live, ok = row[1], row[3], row[4], row[5]
     if owner is None:
         return SubmitResult("not_found")
@@ -374,12 +395,13 @@ SELECT (SELECT contributor_id FROM b), (SELECT count(*) FROM rp) + (SELECT count
 
 
 def release(
-    conn: Connection, contributor_id: int, batch_id: uuid.UUID, pair_ids: Sequence[uuid.UUID] | None
+    cur: Cursor[Any], contributor_id: int, batch_id: uuid.UUID, pair_ids: Sequence[uuid.UUID] | None
 ) -> tuple[str, int]:
-    row = conn.exec_driver_sql(
+    row = cur.execute(
         RELEASE_SQL,
         {"bid": batch_id, "cid": contributor_id, "all": pair_ids is None, "ids": list(pair_ids or [])},
-    ).one()
+    ).fetchone()
+    assert row is not None
     if row[0] is None:
         return "not_found", 0
     if row[0] != contributor_id:

@@ -41,11 +41,11 @@ class Settings(BaseSettings):
     honeypot_fraction_untrusted: float = Field(default=0.3, ge=0.0, le=0.9)
     honeypot_min_accuracy: float = 0.9
 
-    # Reputation.
-    initial_reputation: float = 0.6
-    min_reputation: float = 0.4  # below this a contributor's labels stop counting toward verification
+    # Reputation (0..1; a newcomer with no history scores 0.8, see trust.py).
+    min_reputation: float = 0.5  # below this a contributor's labels stop counting toward verification
     trust_min_honeypots: int = 20
     trust_min_reputation: float = 0.75
+    reputation_refresh_s: float = 30.0  # at most one routine refresh per contributor in this interval
 
     # Limits.
     max_body_bytes: int = 2 * 1024 * 1024

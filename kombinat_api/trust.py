@@ -122,7 +122,19 @@ WHERE batch_id IN (SELECT batch_id FROM batch WHERE contributor_id = %(cid)s) AN
 """
 
 
-def refresh(conn: Connection, contributor_id: int, settings: Settings) -> Reputation | None:
+RECENT_SQL = """
+SELECT reputation_updated_at > now() - make_interval(secs => %(s)s) FROM contributor WHERE id = %(cid)s
+"""
+
+
+def refresh(conn: Connection, contributor_id: int, settings: Settings, force: bool = True) -> Reputation | None:
+    """Recompute one contributor's reputation from its labels. Without ``force`` a contributor refreshed
+    within ``reputation_refresh_s`` is skipped: completed batches trigger this, and a busy contributor
+    completes several a minute while its aggregate barely moves."""
+    if not force:
+        recent = conn.exec_driver_sql(RECENT_SQL, {"cid": contributor_id, "s": settings.reputation_refresh_s})
+        if recent.scalar():
+            return None
     row = conn.exec_driver_sql(STATS_SQL, {"cid": contributor_id}).one()
     if row.banned is None:
         return None
@@ -192,5 +204,7 @@ def after_submit(
             verdict = queue.check_batch_honeypots(conn, batch_id, settings.honeypot_min_accuracy)
         if verdict is not None and verdict.newly_quarantined:
             recompute_in_chunks(conn, verdict.touched_pairs, settings)
-        if complete or (verdict is not None and verdict.newly_quarantined):
+        if verdict is not None and verdict.newly_quarantined:
             refresh(conn, contributor_id, settings)
+        elif complete:
+            refresh(conn, contributor_id, settings, force=False)

@@ -5,20 +5,24 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request, status
+from pydantic import TypeAdapter
 
 from kombinat_api import queue, trust
 from kombinat_api.auth import Principal, current_principal
+from kombinat_api.db import transaction
 from kombinat_api.routes.deps import engine_of, limit_error, settings_of
 from kombinat_api.schemas import (
     ClaimRequest,
     ClaimResponse,
     LabelChunk,
+    LabelIn,
     ReleaseRequest,
     ReleaseResponse,
     SubmitResponse,
 )
 
 router = APIRouter(prefix="/api/v1/batches", tags=["work"])
+_LABELS = TypeAdapter(list[LabelIn])
 
 
 @router.post("/claim", response_model=ClaimResponse)
@@ -30,9 +34,9 @@ def claim_batch(
         raise limit_error(("body", "size"), body.size, settings.max_batch_size, "batch size")
     # New and low-reputation contributors get honeypot-heavy batches until they have earned trust.
     fraction = settings.honeypot_fraction if principal.trusted else settings.honeypot_fraction_untrusted
-    with engine_of(request).begin() as conn:
+    with transaction(engine_of(request)) as cur:
         result = queue.claim(
-            conn,
+            cur,
             principal.contributor_id,
             body.size,
             body.model.model_dump(),
@@ -60,18 +64,18 @@ def submit_labels(
     settings = settings_of(request)
     if len(body.labels) > settings.max_labels_per_chunk:
         raise limit_error(("body", "labels"), len(body.labels), settings.max_labels_per_chunk, "chunk of labels")
-    labels = [lab.model_dump() for lab in body.labels]
+    labels_json = _LABELS.dump_json(body.labels).decode()
     engine = engine_of(request)
     result = queue.SubmitResult("foreign")
     # A refusal can be a stale snapshot: a retry of this very chunk that waited on the batch lock while the
     # first attempt committed. One fresh attempt tells a real refusal from that race.
     for _attempt in range(2):
-        with engine.begin() as conn:
+        with transaction(engine) as cur:
             result = queue.submit(
-                conn,
+                cur,
                 principal.contributor_id,
                 batch_id,
-                labels,
+                labels_json,
                 body.model.model_dump(),
                 settings.lease_seconds,
                 settings.verify_min_agreement,
@@ -116,8 +120,8 @@ def release_batch(
     principal: Principal = Depends(current_principal),
 ) -> ReleaseResponse:
     pair_ids = body.pair_ids if body is not None else None
-    with engine_of(request).begin() as conn:
-        outcome, released = queue.release(conn, principal.contributor_id, batch_id, pair_ids)
+    with transaction(engine_of(request)) as cur:
+        outcome, released = queue.release(cur, principal.contributor_id, batch_id, pair_ids)
     if outcome == "not_found":
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"Batch {batch_id} does not exist.")
     if outcome == "forbidden":

@@ -80,12 +80,10 @@ class Worker:
 
     # --- top level ------------------------------------------------------------------------------------
     def run(self) -> Totals:
-        reason = "stopped"
         resumed_any = self.recover()
-        if self.config.once and resumed_any:
-            reason = "finished the interrupted batch (--once)"
-        else:
-            reason = self._claim_loop()
+        # --once after a crash means "finish what was interrupted", not "and then claim more".
+        once_done = self.config.once and resumed_any
+        reason = "finished the interrupted batch (--once)" if once_done else self._claim_loop()
         self.reporter.finish(self.totals, reason)
         return self.totals
 

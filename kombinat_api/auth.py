@@ -79,6 +79,17 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
+async def token_of(request: Request) -> str:
+    """Dependency: the bearer token, checked for presence only (no I/O, so it runs on the event loop)."""
+    return bearer_token(request)
+
+
+def principal_in(cur: Cursor[Any], request: Request, token: str) -> Principal:
+    """Resolve the caller inside the request's own transaction (one pool checkout, one commit)."""
+    settings = request.app.state.settings
+    return resolve(cur, token, settings.rate_limit_per_minute, settings.admin_rate_limit_per_minute)
+
+
 def resolve(cur: Cursor[Any], token: str, contributor_limit: int, admin_limit: int) -> Principal:
     row = cur.execute(RESOLVE_SQL, {"h": hash_token(token)}).fetchone()
     if row is None:

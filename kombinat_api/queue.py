@@ -229,7 +229,11 @@ def claim(
 # is rejected, nothing is written). Accepted labels of ordinary pairs end the pair's lease and move its
 # verification forward through kombinat_next(); the batch's lease is extended.
 SUBMIT_SQL = """
-WITH inp AS (
+WITH durable AS (
+    -- Labels are acknowledged to the annotator, which then forgets them: this commit waits for the WAL
+    -- flush even if the same transaction's token check turned synchronous commit off.
+    SELECT set_config('synchronous_commit', 'on', true) AS s
+), inp AS (
     SELECT * FROM json_to_recordset(%(labels)s::json)
         AS t(pair_id uuid, relevant boolean, p_relevant real, grade smallint, truncated boolean, seconds real)
 ), b AS (
@@ -301,7 +305,8 @@ SELECT chk.n_in, chk.n_dup, chk.n_own, chk.owner, chk.live, ok.ok,
        coalesce((SELECT expires_at FROM bu), (SELECT expires_at FROM b)) AS expires_at,
        (SELECT n_labeled FROM bu) AS n_labeled,
        (SELECT total FROM bu) AS total,
-       (SELECT array_agg(pair_id) FROM upd WHERE status = 'escalated') AS escalated
+       (SELECT array_agg(pair_id) FROM upd WHERE status = 'escalated') AS escalated,
+       (SELECT s FROM durable) AS durable
 FROM chk, ok
 """
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request,
 from pydantic import TypeAdapter
 
 from kombinat_api import queue, trust
-from kombinat_api.auth import Principal, current_principal
+from kombinat_api.auth import Principal, principal_in, token_of
 from kombinat_api.db import transaction
 from kombinat_api.routes.deps import engine_of, limit_error, settings_of
 from kombinat_api.schemas import (
@@ -25,16 +25,19 @@ router = APIRouter(prefix="/api/v1/batches", tags=["work"])
 _LABELS = TypeAdapter(list[LabelIn])
 
 
+# The hot endpoints resolve the caller inside their own transaction: token check, rate-limit count and the
+# operation share one pooled connection, one thread hop and one commit.
+
+
 @router.post("/claim", response_model=ClaimResponse)
-def claim_batch(
-    body: ClaimRequest, request: Request, principal: Principal = Depends(current_principal)
-) -> ClaimResponse:
+def claim_batch(body: ClaimRequest, request: Request, token: str = Depends(token_of)) -> ClaimResponse:
     settings = settings_of(request)
-    if body.size > settings.max_batch_size:
-        raise limit_error(("body", "size"), body.size, settings.max_batch_size, "batch size")
-    # New and low-reputation contributors get honeypot-heavy batches until they have earned trust.
-    fraction = settings.honeypot_fraction if principal.trusted else settings.honeypot_fraction_untrusted
     with transaction(engine_of(request)) as cur:
+        principal = principal_in(cur, request, token)
+        if body.size > settings.max_batch_size:
+            raise limit_error(("body", "size"), body.size, settings.max_batch_size, "batch size")
+        # New and low-reputation contributors get honeypot-heavy batches until they have earned trust.
+        fraction = settings.honeypot_fraction if principal.trusted else settings.honeypot_fraction_untrusted
         result = queue.claim(
             cur,
             principal.contributor_id,
@@ -59,18 +62,23 @@ def submit_labels(
     body: LabelChunk,
     request: Request,
     background: BackgroundTasks,
-    principal: Principal = Depends(current_principal),
+    token: str = Depends(token_of),
 ) -> SubmitResponse:
     settings = settings_of(request)
-    if len(body.labels) > settings.max_labels_per_chunk:
-        raise limit_error(("body", "labels"), len(body.labels), settings.max_labels_per_chunk, "chunk of labels")
     labels_json = _LABELS.dump_json(body.labels).decode()
     engine = engine_of(request)
     result = queue.SubmitResult("foreign")
+    principal: Principal | None = None
     # A refusal can be a stale snapshot: a retry of this very chunk that waited on the batch lock while the
     # first attempt committed. One fresh attempt tells a real refusal from that race.
     for _attempt in range(2):
         with transaction(engine) as cur:
+            if principal is None:
+                principal = principal_in(cur, request, token)
+                if len(body.labels) > settings.max_labels_per_chunk:
+                    raise limit_error(
+                        ("body", "labels"), len(body.labels), settings.max_labels_per_chunk, "chunk of labels"
+                    )
             result = queue.submit(
                 cur,
                 principal.contributor_id,
@@ -117,10 +125,11 @@ def release_batch(
     batch_id: uuid.UUID,
     request: Request,
     body: ReleaseRequest | None = None,
-    principal: Principal = Depends(current_principal),
+    token: str = Depends(token_of),
 ) -> ReleaseResponse:
     pair_ids = body.pair_ids if body is not None else None
     with transaction(engine_of(request)) as cur:
+        principal = principal_in(cur, request, token)
         outcome, released = queue.release(cur, principal.contributor_id, batch_id, pair_ids)
     if outcome == "not_found":
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"Batch {batch_id} does not exist.")

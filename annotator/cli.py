@@ -383,7 +383,7 @@ def run(
     except ApiError as exc:
         reporter.close()
         client.close()
-        raise _fail(exc.detail and str(exc), EXIT_REFUSED, json_mode) from exc
+        raise _fail(str(exc), EXIT_REFUSED, json_mode) from exc
     except Unavailable as exc:
         reporter.close()
         client.close()
@@ -434,6 +434,13 @@ def run(
         reporter.close()
         code = EXIT_ERROR
         _fail(str(exc), code, json_mode)
+    except ImportError as exc:  # e.g. --backend vllm without the [gpu] extra
+        reporter.close()
+        code = EXIT_ERROR
+        extra = BACKEND_EXTRAS.get(entry.backend, "cpu")
+        _fail(
+            f"the {entry.backend} backend is not installed ({exc}): pip install 'embedkomb[{extra}]'", code, json_mode
+        )
     finally:
         reporter.close()
         journal.close()

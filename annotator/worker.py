@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from annotator.backends.base import Backend, ModelMeta, Pair, Score, order_pairs
@@ -26,6 +27,19 @@ from annotator.report import Reporter, Totals
 # kombinat accepts ≤ 500 labels a request; ~50 keeps the lease fresh and a lost chunk cheap.
 MAX_LABELS_PER_REQUEST = 500
 LABEL_FIELDS = ("pair_id", "relevant", "p_relevant", "grade", "truncated", "seconds")
+
+
+def lease_expired(expires_at: str | None, now: datetime | None = None) -> bool:
+    """True when kombinat's ``lease_expires_at`` (ISO 8601) is in the past; unknown or unparsable: False."""
+    if not expires_at:
+        return False
+    try:
+        expiry = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    if expiry.tzinfo is None:
+        expiry = expiry.replace(tzinfo=UTC)
+    return expiry < (now or datetime.now(UTC))
 
 
 def make_label(score: Score, threshold: float) -> dict[str, Any]:
@@ -143,6 +157,11 @@ class Worker:
                 continue
             remaining = self.journal.unlabeled(batch.batch_id)
             if not remaining:
+                self.journal.close_batch(batch.batch_id)
+                continue
+            if lease_expired(batch.lease_expires_at):
+                # Labeling these would only earn a 409 at the first submit: kombinat has requeued them.
+                self.reporter.info(f"lease of batch {batch.batch_id[:8]} expired while we were away: skipping it")
                 self.journal.close_batch(batch.batch_id)
                 continue
             if batch.model != self.model.as_dict():

@@ -200,3 +200,37 @@ def test_only_ids_labels_and_model_metadata_leave_the_machine(tmp_path: Path) ->
             assert set(body) == {"pair_ids"}
         else:
             raise AssertionError(f"unexpected request {request.method} {request.url}")
+
+
+def test_lease_expiry_parsing() -> None:
+    from datetime import UTC, datetime
+
+    from annotator.worker import lease_expired
+
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    assert lease_expired("2026-01-01T11:59:00Z", now) is True
+    assert lease_expired("2026-01-01T12:01:00+00:00", now) is False
+    assert lease_expired("2026-01-01T11:00:00", now) is True  # naive timestamps are UTC
+    assert lease_expired(None, now) is False and lease_expired("garbage", now) is False
+
+
+def test_restart_after_the_lease_expired_does_not_label_the_batch(tmp_path: Path) -> None:
+    server = FakeKombinat()
+    server.add_pairs(20)
+    crashing = ScriptedBackend(fail_after=3)
+    worker, _ = make_worker(server, tmp_path, crashing, batch_size=20, chunk_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        worker.run()
+    [batch] = worker.journal.open_batches()
+    worker.journal.set_lease(batch.batch_id, "2000-01-01T00:00:00Z")
+    worker.journal.close()
+    server.batches[batch.batch_id]["live"] = False  # kombinat requeued the pairs of the expired lease
+    backend = ScriptedBackend()
+    again, reporter = make_worker(server, tmp_path, backend, batch_size=20)
+    totals = again.run()
+    # 3 labels were acknowledged before the crash; the 17 unlabeled pairs of the dead batch were not
+    # scored under it (that would earn a 409) but came back through a fresh claim.
+    assert totals.lost_batches == 0 and totals.batches == 1
+    assert len(backend.seen) == 17 and len(server.labels) == 20
+    assert not any(r.url.path.endswith(f"{batch.batch_id}/labels") for r in server.requests[-3:])
+    assert again.journal.open_batches() == []

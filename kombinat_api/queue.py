@@ -264,7 +264,8 @@ WITH durable AS (
 ), ins AS (
     INSERT INTO label (pair_id, contributor_id, batch_id, relevant, p_relevant, grade, truncated, seconds,
                        backend, model_id, quantization, annotator_version, tier, is_honeypot, quarantined)
-    SELECT i.pair_id, %(cid)s, %(bid)s, i.relevant, i.p_relevant, i.grade, i.truncated, i.seconds,
+    SELECT i.pair_id, %(cid)s, %(bid)s, i.relevant, i.p_relevant, i.grade, coalesce(i.truncated, false),
+           coalesce(i.seconds, 0),
            %(backend)s, %(model_id)s, %(quantization)s, %(annotator_version)s,
            (SELECT tier FROM b), o.is_honeypot, (SELECT quarantined FROM b)
     FROM inp i

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 from tests.kombinat.conftest import Kombinat
@@ -153,3 +154,25 @@ def test_empty_queue_gives_an_empty_batch(kmb: Kombinat) -> None:
     # Never a batch of honeypots alone.
     assert batch["pairs"] == []
     uuid.UUID(batch["batch_id"])
+
+
+def test_label_commits_wait_for_the_wal_even_after_the_token_check(kmb: Kombinat) -> None:
+    """The token check turns synchronous commit off for its transaction; a label submission in the same
+    transaction must turn it back on, because the annotator forgets labels once they are acknowledged."""
+    from kombinat_api import auth, queue
+    from kombinat_api.db import transaction
+
+    kmb.admit()
+    kmb.enqueue(2)
+    alice = kmb.contributor(trusted=True)
+    batch = kmb.claim(alice, 2)
+    with transaction(kmb.engine) as cur:
+        auth.resolve(cur, alice.token, 1000, 1000)
+        assert cur.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        labels = json.dumps([{"pair_id": batch["pairs"][0]["pair_id"], "relevant": True, "p_relevant": 0.9}])
+        result = queue.submit(
+            cur, alice.id, uuid.UUID(batch["batch_id"]), labels,
+            {"backend": "llama_cpp", "model_id": "test/Tiny-LLM", "quantization": "Q4_K_M"}, 900, 0.66, 3, 1,
+        )  # fmt: skip
+        assert result.outcome == "ok" and result.accepted == 1
+        assert cur.execute("SHOW synchronous_commit").fetchone() == ("on",)

@@ -226,7 +226,7 @@ def test_restart_after_the_lease_expired_does_not_label_the_batch(tmp_path: Path
     worker.journal.close()
     server.batches[batch.batch_id]["live"] = False  # kombinat requeued the pairs of the expired lease
     backend = ScriptedBackend()
-    again, reporter = make_worker(server, tmp_path, backend, batch_size=20)
+    again, _ = make_worker(server, tmp_path, backend, batch_size=20)
     n_before = len(server.requests)
     totals = again.run()
     # 3 labels were acknowledged before the crash; the 17 unlabeled pairs of the dead batch were not

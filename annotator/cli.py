@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from annotator import __version__, auth
@@ -79,7 +80,7 @@ def _fail(message: str, code: int = EXIT_ERROR, json_mode: bool = False) -> type
     if json_mode:
         print(json.dumps({"event": "error", "message": message}), flush=True)
     else:
-        err_console.print(f"[bold red]error:[/] {message}")
+        err_console.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code)
 
 
@@ -265,15 +266,17 @@ def _print_doctor(report: dict[str, Any], hw: HardwareFacts) -> None:
     table.add_row("Apple Silicon", "yes" if hw.apple_silicon else "no")
     table.add_row(
         "backends installed",
-        ", ".join(
-            f"{name} {'yes' if ok else 'no (pip install embedkomb[' + BACKEND_EXTRAS[name] + '])'}"
-            for name, ok in hw.backends_installed.items()
+        escape(
+            ", ".join(
+                f"{name} {'yes' if ok else f'no (pip install embedkomb[{BACKEND_EXTRAS[name]}])'}"
+                for name, ok in hw.backends_installed.items()
+            )
         ),
     )
     table.add_row("server", report["server"])
     table.add_row("signed in", report["logged_in_as"] or "no (run `annotator login`)")
     if report["registry_error"]:
-        table.add_row("registry", f"unreachable: {report['registry_error']}")
+        table.add_row("registry", escape(f"unreachable: {report['registry_error']}"))
     else:
         admitted = [e["name"] for e in report["registry"] if e["admitted"]]
         table.add_row("admitted models", ", ".join(admitted) or "none")
@@ -283,11 +286,11 @@ def _print_doctor(report: dict[str, Any], hw: HardwareFacts) -> None:
             "would use",
             f"{choice['backend']} · {choice['name']} ({choice['model_id']}, {choice['quantization']})",
         )
-        table.add_row("why", "\n".join(choice["reasons"]))
+        table.add_row("why", escape("\n".join(choice["reasons"])))
         if not choice["backend_installed"]:
-            table.add_row("missing", f"pip install 'embedkomb[{BACKEND_EXTRAS[choice['backend']]}]'")
+            table.add_row("missing", escape(f"pip install 'embedkomb[{BACKEND_EXTRAS[choice['backend']]}]'"))
     elif report.get("choice_error"):
-        table.add_row("would use", report["choice_error"])
+        table.add_row("would use", escape(report["choice_error"]))
     journal = report.get("journal")
     if journal and journal["exists"]:
         table.add_row("journal", f"{journal['open_batches']} open batches, {journal['pending_labels']} labels to send")

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
@@ -115,6 +116,7 @@ class RichReporter(Reporter):
             transient=False,
         )
         self.task: Any = None
+        self._totals: Totals | None = None
         self._started = False
 
     def _ensure(self) -> None:
@@ -135,28 +137,32 @@ class RichReporter(Reporter):
         label = "resumed batch" if resumed else "batch"
         self.task = self.progress.add_task(f"{label} {batch_id[:8]}", total=size, rate="", totals="")
 
+    @staticmethod
+    def _totals_text(totals: Totals) -> str:
+        return f"labeled {totals.labeled} · accepted {totals.accepted}"
+
     def pair(self, totals: Totals, p_relevant: float) -> None:
+        self._totals = totals
         if self.task is None:
             return
         self.progress.update(
-            self.task,
-            advance=1,
-            rate=f"{totals.pairs_per_second:.2f} pairs/s",
-            totals=f"labeled {totals.labeled} · accepted {totals.accepted}",
+            self.task, advance=1, rate=f"{totals.pairs_per_second:.2f} pairs/s", totals=self._totals_text(totals)
         )
 
     def submitted(self, batch_id: str, sent: int, accepted: int, duplicates: int) -> None:
         note = f" ({duplicates} already there)" if duplicates else ""
+        if self.task is not None and self._totals is not None:  # the worker updated its totals first
+            self.progress.update(self.task, totals=self._totals_text(self._totals))
         self.progress.console.print(f"  sent {sent} labels of batch {batch_id[:8]}: {accepted} accepted{note}")
 
     def idle(self, seconds: float) -> None:
         self.progress.console.print(f"  no work available; asking again in {seconds:.0f}s")
 
     def info(self, text: str) -> None:
-        self.progress.console.print(f"  {text}")
+        self.progress.console.print(f"  {escape(text)}")
 
     def warn(self, text: str) -> None:
-        self.progress.console.print(f"[yellow]warning:[/] {text}")
+        self.progress.console.print(f"[yellow]warning:[/] {escape(text)}")
 
     def finish(self, totals: Totals, reason: str) -> None:
         self.close()

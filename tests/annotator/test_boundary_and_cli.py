@@ -56,3 +56,43 @@ def test_run_without_login_says_how_to_log_in() -> None:
 def test_version() -> None:
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"{annotator.__version__}+p1"
+
+
+def test_reporters_render_progress_json_and_quiet() -> None:
+    import io
+
+    from rich.console import Console
+
+    from annotator.report import JsonReporter, Reporter, RichReporter, Totals
+
+    buf = io.StringIO()
+    rich = RichReporter(Console(file=buf, width=160, force_terminal=False))
+    totals = Totals(labeled=1, accepted=0)
+    rich.start({"server": "http://k", "login": "alice", "backend": "llama_cpp", "model_id": "m", "quantization": "q"})
+    rich.batch("abcdef0123", 2)
+    rich.pair(totals, 0.7)
+    totals.labeled, totals.accepted = 2, 2
+    rich.pair(totals, 0.2)
+    rich.submitted("abcdef0123", 2, 2, 0)
+    rich.warn("pip install 'embedkomb[gpu]'")  # brackets must survive rich markup
+    rich.finish(totals, "done")
+    text = buf.getvalue()
+    assert "alice" in text and "2/2" in text and "accepted 2" in text and "embedkomb[gpu]" in text
+
+    out = io.StringIO()
+    js = JsonReporter(out=out)
+    js.batch("b", 3)
+    js.retry(1, 0.5, "ConnectError")
+    js.finish(totals, "done")
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["event"] for e in events] == ["batch", "retry", "finish"]
+    assert events[-1]["labeled"] == 2 and events[-1]["accepted"] == 2
+
+    err = io.StringIO()
+    quiet = Reporter(err=err)
+    quiet.batch("b", 3)
+    quiet.pair(totals, 0.5)
+    quiet.finish(totals, "done")
+    assert err.getvalue() == ""
+    quiet.warn("careful")
+    assert "careful" in err.getvalue()

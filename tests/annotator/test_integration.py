@@ -324,6 +324,7 @@ def test_doctor_reports_this_machine_and_the_choice(kombinat: KombinatServer) ->
         env={**os.environ, "COLUMNS": "200"},
     ).stdout
     assert "would use" in human and "llama_cpp" in human and "qwen2.5-3b-q4km" in human
+    assert "embedkomb[gpu]" in human or hw["backends_installed"]["vllm"]  # install hints survive rich markup
 
 
 def test_doctor_without_a_server_still_reports_the_hardware(tmp_path: Path) -> None:

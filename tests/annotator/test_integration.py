@@ -338,3 +338,35 @@ def test_doctor_without_a_server_still_reports_the_hardware(tmp_path: Path) -> N
     report = json.loads(out.stdout)
     assert report["registry"] is None and "unavailable" in report["registry_error"]
     assert report["hardware"]["cpu_count"] >= 1
+
+
+def test_ctrl_c_finishes_the_pair_flushes_and_releases_the_rest(
+    kombinat: KombinatServer, github: FakeGitHub, tiny_model_path: Path
+) -> None:
+    pair_ids = enqueue(kombinat, 20)
+    creds = login_as(kombinat, github, "frank", 1006)
+    jpath = journal_path(auth.data_dir(), kombinat.url, creds.contributor_id)
+    proc = annotator(*run_args(kombinat, tiny_model_path, "--batch-size", "20", "--chunk-size", "50"))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (jpath.exists() and peek(jpath)["pending_labels"] >= 2):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    code, events, err = finish(proc, timeout=120)
+    assert code == 0, err
+    done = events[-1]
+    assert done["event"] == "finish" and done["reason"] == "stopped on request"
+    labeled = done["labeled"]
+    assert 2 <= labeled < 20 and done["accepted"] == labeled and done["released"] == 20 - labeled
+    assert len(exported_labels(kombinat)) == labeled  # every finished label was sent before exiting
+    queue = httpx.get(f"{kombinat.url}/api/v1/admin/queue", headers=bearer(kombinat.admin_token)).json()
+    assert queue["leased"] == 0  # nothing is held any more
+    assert peek(jpath)["open_batches"] == 0
+    # The unlabeled rest is back in the queue at once: another volunteer can claim it now.
+    labeled_ids = {label["pair_id"] for label in exported_labels(kombinat)}
+    other = sign_in(kombinat, github, "grace", 1007)
+    model = {k: TINY_ENTRY[k] for k in ("backend", "model_id", "quantization")}
+    claim = httpx.post(f"{kombinat.url}/api/v1/batches/claim", headers=bearer(other),
+                       json={"size": 20, "model": {**model, "annotator_version": "test"}})  # fmt: skip
+    claim.raise_for_status()
+    assert set(pair_ids) - labeled_ids <= {p["pair_id"] for p in claim.json()["pairs"]}

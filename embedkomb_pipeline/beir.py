@@ -70,9 +70,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataFormatError(
-                    f"{path}:{line_no}: invalid UTF-8 ({exc.reason} at byte {exc.start})"
-                ) from exc
+                raise DataFormatError(f"{path}:{line_no}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from exc
             if not line.strip():
                 continue
             try:
@@ -113,9 +111,7 @@ def resolve_beir_root(source: str | os.PathLike[str], data_dir: str | os.PathLik
         return Path(data_dir) / str(source)
     if "/" not in str(source):
         where = f" under {data_dir}" if data_dir else ""
-        raise FileNotFoundError(
-            f"no BEIR folder {source!r}{where}, and it is not a Hub dataset id (owner/name)"
-        )
+        raise FileNotFoundError(f"no BEIR folder {source!r}{where}, and it is not a Hub dataset id (owner/name)")
     return Path(
         snapshot_download(
             repo_id=str(source),
@@ -134,9 +130,7 @@ def load_beir(source: str | os.PathLike[str], data_dir: str | os.PathLike[str] |
         if doc_id in corpus:
             raise DataFormatError(f"{root}/corpus.jsonl:{line_no}: duplicate document id {doc_id!r}")
         corpus[doc_id] = BeirDocument(doc_id, str(obj.get("title") or ""), str(obj.get("text") or ""))
-    queries = {
-        str(obj["_id"]): str(obj.get("text") or "") for _, obj in iter_jsonl(_find(root, "queries.jsonl"))
-    }
+    queries = {str(obj["_id"]): str(obj.get("text") or "") for _, obj in iter_jsonl(_find(root, "queries.jsonl"))}
     qrels: dict[str, dict[str, dict[str, int]]] = {}
     qrels_dir = root / "qrels"
     if qrels_dir.is_dir():

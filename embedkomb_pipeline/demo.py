@@ -28,9 +28,7 @@ def _metadata(result: dg.ExecuteInJobResult, node: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", default="scifact_title_abstract", choices=sorted(SAMPLE_SPLITS))
     parser.add_argument("--cycle", default="c000")
     parser.add_argument("--top-k", type=int, default=50, help="candidates kept per query (default 50)")
@@ -64,9 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
     instance.add_dynamic_partitions(CYCLE_PARTITIONS_NAME, [args.cycle])
     key = dg.MultiPartitionKey({"split": args.split, "cycle": args.cycle})
-    with console.status(
-        "mining_shard: BM25 + dense (all-MiniLM-L6-v2) + RRF; embedding is the slow part on CPU"
-    ):
+    with console.status("mining_shard: BM25 + dense (all-MiniLM-L6-v2) + RRF; embedding is the slow part on CPU"):
         result = dg.materialize(
             [source_pairs, mining_shard],
             selection=[mining_shard],

@@ -31,9 +31,7 @@ def fingerprint_model_dir(path: Path) -> str:
     Two folders with the same weights share cache entries; retraining in place changes the fingerprint.
     """
     digest = hashlib.sha256()
-    files = sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".bin", ".json", ".txt"}
-    )
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".bin", ".json", ".txt"})
     if not files:
         raise FileNotFoundError(f"{path} holds no model files (.safetensors/.bin and configs)")
     for file in files:
@@ -102,9 +100,7 @@ class DenseEncoder:
         self.model = SentenceTransformer(str(self.path), device=None, local_files_only=True)
         if precision == "bf16":
             self.model.to(torch.bfloat16)
-        self.identity = ModelIdentity(
-            name or self.path.name, f"{fingerprint_model_dir(self.path)}-{precision}"
-        )
+        self.identity = ModelIdentity(name or self.path.name, f"{fingerprint_model_dir(self.path)}-{precision}")
         self.batch_size = batch_size
 
     @property

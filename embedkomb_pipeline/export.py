@@ -46,9 +46,11 @@ class ExportResult:
 
 def write_verified(rows: Iterable[dict], root: Path, split: str, cycle: str) -> ExportResult:
     """Write one split × cycle file (replacing it: re-exports never duplicate) and rebuild the card."""
-    frame = pl.DataFrame(
-        [{name: row.get(name) for name in EXPORT_SCHEMA} for row in rows], schema=EXPORT_SCHEMA
-    ).unique("pair_id", keep="last").sort("pair_id")
+    frame = (
+        pl.DataFrame([{name: row.get(name) for name in EXPORT_SCHEMA} for row in rows], schema=EXPORT_SCHEMA)
+        .unique("pair_id", keep="last")
+        .sort("pair_id")
+    )
     out = root / "data" / split / f"{cycle}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -86,9 +88,19 @@ def write_card(root: Path) -> Path:
             }
         )
     license_ids = sorted({lic for lic, _ in licenses}) or ["other"]
-    header = ["---", f"license: {license_ids[0] if len(license_ids) == 1 else 'other'}", "language:", "- en",
-              "task_categories:", "- sentence-similarity", "- text-retrieval", "tags:", "- embeddings",
-              "- llm-verified", "configs:"]
+    header = [
+        "---",
+        f"license: {license_ids[0] if len(license_ids) == 1 else 'other'}",
+        "language:",
+        "- en",
+        "task_categories:",
+        "- sentence-similarity",
+        "- text-retrieval",
+        "tags:",
+        "- embeddings",
+        "- llm-verified",
+        "configs:",
+    ]
     for split in splits:
         header += [f"- config_name: {split}", "  data_files:", "  - split: train", f"    path: data/{split}/*.parquet"]
     header.append("---")
@@ -96,7 +108,7 @@ def write_card(root: Path) -> Path:
         "# Embed Kombinat — LLM-verified (query, document) pairs",
         "",
         "Candidate pairs mined per domain split (BM25 + dense retrieval fused by RRF), judged by small language",
-        "models on volunteers' machines (\"does this document answer this query?\", P(yes) from next-token",
+        'models on volunteers\' machines ("does this document answer this query?", P(yes) from next-token',
         "log-probabilities), and kept only where at least two independent contributors in good standing agree.",
         "Honeypots with human judgments screen every contributor; quarantined labels never count.",
         "",

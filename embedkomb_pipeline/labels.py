@@ -107,9 +107,36 @@ def cohens_kappa(a: list[bool], b: list[bool]) -> float:
     return (observed - expected) / (1 - expected)
 
 
+def contributor_kappas(labels: pl.DataFrame, min_overlap: int = 10) -> list[dict]:
+    """Cohen's κ for every two contributors who labeled at least min_overlap of the same pairs.
+
+    One careless or malicious labeler shows up as low κ against everyone else, even when pairs collect
+    more labels than two (quarantined labels excluded: they already count for nothing).
+    """
+    usable = (
+        labels.filter(~pl.col("quarantined"))
+        .sort("label_id")
+        .unique(["pair_id", "contributor_id"], keep="first")
+        .select("pair_id", "contributor_id", "relevant")
+    )
+    joined = usable.join(usable, on="pair_id", suffix="_b").filter(
+        pl.col("contributor_id") < pl.col("contributor_id_b")
+    )
+    out = []
+    for (a, b), group in joined.group_by("contributor_id", "contributor_id_b"):
+        if group.height >= min_overlap:
+            kappa = cohens_kappa(group["relevant"].to_list(), group["relevant_b"].to_list())
+            out.append({"contributor_a": a, "contributor_b": b, "kappa": kappa, "shared_pairs": group.height})
+    return sorted(out, key=lambda row: (row["kappa"], row["contributor_a"], row["contributor_b"]))
+
+
 def pairwise_kappa(labels: pl.DataFrame) -> tuple[float | None, int]:
     """κ between the first two contributors' labels on every pair labeled by two or more (quarantine excluded)."""
-    usable = labels.filter(~pl.col("quarantined")).sort("label_id").unique(["pair_id", "contributor_id"], keep="first")
+    usable = (
+        labels.filter(~pl.col("quarantined"))
+        .sort("label_id")
+        .unique(["pair_id", "contributor_id"], keep="first", maintain_order=True)
+    )
     doubled = (
         usable.group_by("pair_id", maintain_order=True)
         .agg(pl.col("relevant").head(2).alias("votes"))

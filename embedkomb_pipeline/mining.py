@@ -139,25 +139,19 @@ class _Corpus:
     """The split's unique documents and queries, in a deterministic order, plus query → positive docs."""
 
     def __init__(self, source_pairs: Path) -> None:
-        pairs = pl.read_parquet(
-            source_pairs, columns=["query_id", "doc_id", "query", "document", "source_dataset"]
-        )
+        pairs = pl.read_parquet(source_pairs, columns=["query_id", "doc_id", "query", "document", "source_dataset"])
         if pairs.height == 0:
             raise ValueError(f"{source_pairs} holds no source pairs: nothing to mine")
         docs = pairs.select("doc_id", "document").unique(subset="doc_id", keep="first").sort("doc_id")
         queries = (
-            pairs.select("query_id", "query", "source_dataset")
-            .unique(subset="query_id", keep="first")
-            .sort("query_id")
+            pairs.select("query_id", "query", "source_dataset").unique(subset="query_id", keep="first").sort("query_id")
         )
         self.doc_ids: list[str] = docs["doc_id"].to_list()
         self.documents: list[str] = docs["document"].to_list()
         self.query_ids: list[str] = queries["query_id"].to_list()
         self.queries: list[str] = queries["query"].to_list()
         self.query_datasets: list[str] = queries["source_dataset"].to_list()
-        doc_index = pl.DataFrame(
-            {"doc_id": self.doc_ids, "doc_idx": np.arange(len(self.doc_ids), dtype=np.int64)}
-        )
+        doc_index = pl.DataFrame({"doc_id": self.doc_ids, "doc_idx": np.arange(len(self.doc_ids), dtype=np.int64)})
         query_index = pl.DataFrame(
             {"query_id": self.query_ids, "query_idx": np.arange(len(self.query_ids), dtype=np.int64)}
         )

@@ -24,9 +24,7 @@ def default_data_dir() -> str | None:
 
 def default_storage_dir() -> str:
     """EMBEDKOMB_STORAGE_DIR, else the user's data directory (shards, snapshots, caches, checkpoints)."""
-    return os.environ.get("EMBEDKOMB_STORAGE_DIR") or str(
-        Path(platformdirs.user_data_dir("embedkomb")) / "lake"
-    )
+    return os.environ.get("EMBEDKOMB_STORAGE_DIR") or str(Path(platformdirs.user_data_dir("embedkomb")) / "lake")
 
 
 def hub_splits() -> list[str]:

@@ -149,9 +149,7 @@ def iter_hub_split(
         parquet = pq.ParquetFile(fetch(name))
         missing = {"query", "document"} - set(parquet.schema_arrow.names)
         if missing:
-            raise ValueError(
-                f"{name}: missing column(s) {sorted(missing)}; found {parquet.schema_arrow.names}"
-            )
+            raise ValueError(f"{name}: missing column(s) {sorted(missing)}; found {parquet.schema_arrow.names}")
         columns = ["query", "document"] + (["dataset"] if "dataset" in parquet.schema_arrow.names else [])
         for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
             data = record_batch.to_pydict()
@@ -173,9 +171,7 @@ def write_source_pairs(raw_batches: Iterable[RawBatch], split: str, out_path: Pa
         with pq.ParquetWriter(spill, SOURCE_PAIRS_SCHEMA) as writer:
             for batch in raw_batches:
                 columns: dict[str, list[str]] = {name: [] for name in SOURCE_PAIRS_SCHEMA.names}
-                for query, document, dataset in zip(
-                    batch["query"], batch["document"], batch["dataset"], strict=True
-                ):
+                for query, document, dataset in zip(batch["query"], batch["document"], batch["dataset"], strict=True):
                     stats.rows_read += 1
                     query_n = normalize_text(query or "")
                     document_n = normalize_text(document or "")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dagster as dg
-
 import os
+
+import dagster as dg
 
 from embedkomb_pipeline.defs.resources import (
     DatasetPublisherResource,

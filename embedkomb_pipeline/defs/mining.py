@@ -84,9 +84,7 @@ def mining_shard(
     out = lake.candidates_path(split, cycle)
     report = mine_split(source, out, split, cycle, encoder, cache, mining_config)
     if report.top_k_effective < report.top_k_requested:
-        context.log.warning(
-            f"top_k {report.top_k_requested} clamped to the corpus size {report.top_k_effective}"
-        )
+        context.log.warning(f"top_k {report.top_k_requested} clamped to the corpus size {report.top_k_effective}")
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),
@@ -112,9 +110,7 @@ def mining_shard(
     )
 
 
-@dg.asset_check(
-    asset=mining_shard, description="No pair_id appears twice and no known positive is a candidate."
-)
+@dg.asset_check(asset=mining_shard, description="No pair_id appears twice and no known positive is a candidate.")
 def mining_shard_is_clean(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> dg.AssetCheckResult:
     # checks run unpartitioned: inspect every materialized shard
     shards = sorted(lake.root.glob("mining/*/*/candidates.parquet"))

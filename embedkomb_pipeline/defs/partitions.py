@@ -11,9 +11,7 @@ from embedkomb_pipeline.sources import SAMPLE_SPLITS
 
 CYCLE_PARTITIONS_NAME = "cycle"
 
-split_partitions = dg.StaticPartitionsDefinition(
-    sorted(SAMPLE_SPLITS) + sorted(set(hub_splits()) - set(SAMPLE_SPLITS))
-)
+split_partitions = dg.StaticPartitionsDefinition(sorted(SAMPLE_SPLITS) + sorted(set(hub_splits()) - set(SAMPLE_SPLITS)))
 cycle_partitions = dg.DynamicPartitionsDefinition(name=CYCLE_PARTITIONS_NAME)
 split_cycle_partitions = dg.MultiPartitionsDefinition({"split": split_partitions, "cycle": cycle_partitions})
 

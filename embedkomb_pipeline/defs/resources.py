@@ -115,9 +115,7 @@ class DenseModelResource(dg.ConfigurableResource):
 
     def base_encoder(self) -> DenseEncoder:
         path = Path(self.base_model_path) if self.base_model_path else default_base_model_path()
-        return DenseEncoder(
-            path, name=self.base_model_name, batch_size=self.batch_size, precision=self.precision
-        )
+        return DenseEncoder(path, name=self.base_model_name, batch_size=self.batch_size, precision=self.precision)
 
     def encoder_for_cycle(self, lake: LakeResource, previous_cycle: str | None) -> tuple[DenseEncoder, str]:
         """The encoder to mine with, and a sentence saying why it was chosen."""

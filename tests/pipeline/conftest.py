@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from embedkomb_pipeline.embedding import DenseEncoder, default_base_model_path
 from embedkomb_pipeline.sources import write_source_pairs
+from tests.conftest import REPO_ROOT
+from tests.support.postgres import create_database, drop_database
 
 
 def scifact_rows(shared_data: Path, n: int, max_chars: int = 280) -> dict[str, list[str]]:
@@ -58,3 +63,20 @@ def write_hub_mirror(root: Path, split: str, rows: dict[str, list[str]], files: 
         )
         pq.write_table(table, data / f"{split}-{i:05d}-of-{files:05d}.parquet")
     return root
+
+
+@pytest.fixture()
+def postgres_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dg.DagsterInstance]:
+    """A Dagster instance configured by the project's own dagster.yaml, on a throwaway PostgreSQL database."""
+    name = create_database("dagster_test")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}")
+    instance = dg.DagsterInstance.from_config(str(home))
+    try:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        yield instance
+    finally:
+        instance.dispose()
+        drop_database(name)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -13,9 +12,8 @@ import pytest
 from embedkomb_pipeline.defs.mining import mining_shard, mining_shard_is_clean, source_pairs
 from embedkomb_pipeline.defs.partitions import CYCLE_PARTITIONS_NAME, cycle_key, cycle_number
 from embedkomb_pipeline.defs.resources import DenseModelResource, LakeResource, LocalSourceData
-from tests.conftest import MIRROR_SPLIT, REPO_ROOT
+from tests.conftest import MIRROR_SPLIT
 from tests.pipeline.conftest import scifact_rows, write_hub_mirror
-from tests.support.postgres import create_database, drop_database
 
 
 def test_definitions_load_from_the_defs_folder() -> None:
@@ -37,23 +35,6 @@ def test_cycle_keys_round_trip_and_reject_garbage() -> None:
     assert cycle_number("c007") == 7
     with pytest.raises(ValueError, match="cycle keys look like"):
         cycle_number("7")
-
-
-@pytest.fixture()
-def postgres_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dg.DagsterInstance]:
-    """A Dagster instance configured by the project's own dagster.yaml, on a throwaway PostgreSQL database."""
-    name = create_database("dagster_test")
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_POSTGRES_URL", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}")
-    instance = dg.DagsterInstance.from_config(str(home))
-    try:
-        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-        yield instance
-    finally:
-        instance.dispose()
-        drop_database(name)
 
 
 def test_source_and_mining_materialize_on_postgres_and_rerun_identically(
@@ -90,10 +71,7 @@ def test_source_and_mining_materialize_on_postgres_and_rerun_identically(
     assert meta["dense_model"].value == "sentence-transformers/all-MiniLM-L6-v2"
     assert meta["dense_model_choice"].value == "base model (cycle 0)"
     assert meta["embedding_cache_misses"].value > 0
-    assert (
-        meta["recall_at_k_rrf"].value
-        >= max(meta["recall_at_k_bm25"].value, meta["recall_at_k_dense"].value) - 0.02
-    )
+    assert meta["recall_at_k_rrf"].value >= max(meta["recall_at_k_bm25"].value, meta["recall_at_k_dense"].value) - 0.02
     checks = first.get_asset_check_evaluations()
     assert [c.passed for c in checks] == [True]
 

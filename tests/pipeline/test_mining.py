@@ -127,26 +127,20 @@ def test_cache_is_missed_with_another_model(mined: dict, small_source: Path, oth
     base_identity = mined["first"].model_revision
     assert other.identity.revision != base_identity
     cache = EmbeddingCache(mined["root"] / "cache", other.identity)
-    report = mine_split(
-        small_source, mined["root"] / "other.parquet", "small", "c001", other, cache, mined["config"]
-    )
+    report = mine_split(small_source, mined["root"] / "other.parquet", "small", "c001", other, cache, mined["config"])
     assert report.cache_hits == 0
     assert report.cache_misses == mined["first"].cache_hits + mined["first"].cache_misses
     assert report.model_name == "perturbed-minilm"
 
 
-def test_a_cache_refuses_to_serve_a_different_model(
-    mined: dict, encoder: DenseEncoder, other_model: Path
-) -> None:
+def test_a_cache_refuses_to_serve_a_different_model(mined: dict, encoder: DenseEncoder, other_model: Path) -> None:
     other = DenseEncoder(other_model, name="perturbed-minilm", precision="fp32")
     cache = EmbeddingCache(mined["root"] / "cache", encoder.identity)
     with pytest.raises(ValueError, match="cannot serve"):
         cache.embed(other, ["text"], ["hash"])
 
 
-def test_k_larger_than_the_corpus_is_clamped(
-    small_source: Path, encoder: DenseEncoder, tmp_path: Path
-) -> None:
+def test_k_larger_than_the_corpus_is_clamped(small_source: Path, encoder: DenseEncoder, tmp_path: Path) -> None:
     cache = EmbeddingCache(tmp_path / "cache", encoder.identity)
     report = mine_split(
         small_source, tmp_path / "s.parquet", "small", "c000", encoder, cache, MiningConfig(top_k=10_000)
@@ -158,9 +152,7 @@ def test_k_larger_than_the_corpus_is_clamped(
     assert per_query.max() <= report.documents - 1
 
 
-def test_ivf_index_is_used_above_the_exact_threshold(
-    small_source: Path, encoder: DenseEncoder, tmp_path: Path
-) -> None:
+def test_ivf_index_is_used_above_the_exact_threshold(small_source: Path, encoder: DenseEncoder, tmp_path: Path) -> None:
     cache = EmbeddingCache(tmp_path / "cache", encoder.identity)
     config = MiningConfig(top_k=10, exact_search_below=100, nprobe=4)
     report = mine_split(small_source, tmp_path / "ivf.parquet", "small", "c000", encoder, cache, config)
@@ -203,6 +195,4 @@ def test_an_empty_source_is_a_clear_error(tmp_path: Path, encoder: DenseEncoder,
     empty = tmp_path / "empty.parquet"
     pl.read_parquet(small_source).head(0).write_parquet(empty)
     with pytest.raises(ValueError, match="holds no source pairs"):
-        mine_split(
-            empty, tmp_path / "x.parquet", "s", "c000", encoder, EmbeddingCache(tmp_path, encoder.identity)
-        )
+        mine_split(empty, tmp_path / "x.parquet", "s", "c000", encoder, EmbeddingCache(tmp_path, encoder.identity))

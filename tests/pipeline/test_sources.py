@@ -54,9 +54,7 @@ def test_unknown_sample_split_is_refused(shared_data: Path) -> None:
 
 def test_sample_split_is_scifact_titles_to_abstracts(shared_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "pairs.parquet"
-    stats = write_source_pairs(
-        iter_sample_split("scifact_title_abstract", shared_data), "scifact_title_abstract", out
-    )
+    stats = write_source_pairs(iter_sample_split("scifact_title_abstract", shared_data), "scifact_title_abstract", out)
     assert stats.rows_read == 5183
     assert stats.rows_written == stats.unique_documents == 5183
     frame = pl.read_parquet(out)

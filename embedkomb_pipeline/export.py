@@ -144,7 +144,7 @@ def write_card(root: Path) -> Path:
     lines += ["", "## Sources and licenses", ""] + [f"- {text}" for _, text in sorted(licenses)]
     lines += ["", "<!-- summary: " + json.dumps(summary) + " -->", ""]
     card = root / "README.md"
-    card.write_text("\n".join(header + [""] + lines), encoding="utf-8")
+    card.write_text("\n".join([*header, "", *lines]), encoding="utf-8")
     return card
 
 

@@ -81,7 +81,7 @@ def test_push_uploads_the_folder_to_the_hub_api(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("hub_reachable")
 def test_push_with_a_bad_token_fails_loudly(tmp_path: Path) -> None:
     write_verified(_rows("s", "c000", 2), tmp_path, "s", "c000")
-    with FakeHub() as hub, pytest.raises(Exception, match="401|Invalid credentials"):
+    with FakeHub() as hub, pytest.raises(Exception, match=r"401|Invalid credentials"):
         push_to_hub(tmp_path, "embedkomb/verified-pairs", token="wrong", endpoint=hub.url)
 
 
@@ -103,7 +103,7 @@ def _labels(rows: list[tuple[int, str, int, bool]]) -> pl.DataFrame:
         [
             {**base, "label_id": lid, "pair_id": pid, "contributor_id": cid, "relevant": rel, "quarantined": False}
             for lid, pid, cid, rel in rows
-        ],  # fmt: skip
+        ],
         schema=LABEL_SCHEMA,
     )
 

@@ -106,18 +106,39 @@ class _Server:
 
 def run_annotator(server_url: str, env: dict[str, str]) -> list[dict[str, Any]]:
     proc = subprocess.run(
-        [sys.executable, "-m", "annotator", "run", "--server", server_url, "--model-path", str(TINY_MODEL),
-         "--json", "--once", "--batch-size", "400", "--threads", "2"],
-        capture_output=True, text=True, timeout=900, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "annotator",
+            "run",
+            "--server",
+            server_url,
+            "--model-path",
+            str(TINY_MODEL),
+            "--json",
+            "--once",
+            "--batch-size",
+            "400",
+            "--threads",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 def label_at_random(server_url: str, token: str, seed: int) -> int:
     """A planted bad contributor: claims a batch through the API and answers coin flips."""
-    model = {"backend": "llama_cpp", "model_id": TINY_ENTRY["model_id"], "quantization": "Q4_1",
-             "annotator_version": "random-0"}  # fmt: skip
+    model = {
+        "backend": "llama_cpp",
+        "model_id": TINY_ENTRY["model_id"],
+        "quantization": "Q4_1",
+        "annotator_version": "random-0",
+    }
     claim = httpx.post(f"{server_url}/api/v1/batches/claim", headers=bearer(token), json={"size": 400, "model": model})
     claim.raise_for_status()
     batch = claim.json()
@@ -130,12 +151,15 @@ def label_at_random(server_url: str, token: str, seed: int) -> int:
             "grade": None,
             "truncated": False,
             "seconds": 0.01,
-        }  # fmt: skip
+        }
         for p in batch["pairs"]
     ]
     for start in range(0, len(labels), 50):
-        sent = httpx.post(f"{server_url}/api/v1/batches/{batch['batch_id']}/labels", headers=bearer(token),
-                          json={"model": model, "labels": labels[start : start + 50]})  # fmt: skip
+        sent = httpx.post(
+            f"{server_url}/api/v1/batches/{batch['batch_id']}/labels",
+            headers=bearer(token),
+            json={"model": model, "labels": labels[start : start + 50]},
+        )
         sent.raise_for_status()
     return len(labels)
 
@@ -172,13 +196,14 @@ def test_the_loop_end_to_end(
             "publisher": DatasetPublisherResource(),
             "quality": QualityThresholds(
                 kappa_floor=0.4, honeypot_accuracy_floor=0.0, relevant_rate_max=1.0, min_pairs_for_kappa=10
-            ),  # fmt: skip
+            ),
         }
         every = [source_pairs, mining_shard, work_queue, honeypots, labeled_pairs, verified_pairs]
 
         def materialize(selection: list, **kwargs: Any) -> dg.ExecuteInJobResult:
-            result = dg.materialize(every, selection=selection, resources=resources, instance=postgres_instance,
-                                    **kwargs)  # fmt: skip
+            result = dg.materialize(
+                every, selection=selection, resources=resources, instance=postgres_instance, **kwargs
+            )
             assert result.success
             return result
 
@@ -198,8 +223,9 @@ def test_the_loop_end_to_end(
         # a second push is a no-op while the queue is at its budget: nothing is sent twice
         again = _meta(materialize([work_queue], partition_key=KEY, run_config=queue_config), "work_queue")
         assert again["enqueued"] == 0 and again["pushed_through"] == 30
-        hp = _meta(materialize([honeypots], run_config={"ops": {"honeypots": {"config": {"per_source": 8}}}}),
-                   "honeypots")  # fmt: skip
+        hp = _meta(
+            materialize([honeypots], run_config={"ops": {"honeypots": {"config": {"per_source": 8}}}}), "honeypots"
+        )
         assert hp["inserted"] == hp["honeypots"] == 16
 
         # two volunteers label with the real annotator
@@ -234,8 +260,19 @@ def test_the_loop_end_to_end(
 
         dataset = load_dataset(str(export_root), MIRROR_SPLIT, split="train")
         assert len(dataset) == verified_meta["dagster/row_count"]
-        assert {"query", "document", "label", "p_relevant", "n_labels", "agreement", "status", "pair_id", "split",
-                "cycle", "models"} <= set(dataset.column_names)  # fmt: skip
+        assert {
+            "query",
+            "document",
+            "label",
+            "p_relevant",
+            "n_labels",
+            "agreement",
+            "status",
+            "pair_id",
+            "split",
+            "cycle",
+            "models",
+        } <= set(dataset.column_names)
         assert set(dataset["status"]) == {"verified"} and min(dataset["n_labels"]) >= 2
         assert "smollm2" in (export_root / "README.md").read_text().lower() or dataset["models"][0]
         # re-exporting is idempotent
@@ -250,8 +287,9 @@ def test_the_loop_end_to_end(
         assert added.partitions_def_name == CYCLE_PARTITIONS_NAME and list(added.partition_keys) == ["c001"]
         assert {r.partition_key.keys_by_dimension["cycle"] for r in result.run_requests} == {"c000"}
         assert json.loads(result.cursor)["opened"] == "c001"
-        with dg.build_sensor_context(instance=postgres_instance, resources={"kombinat": kombinat},
-                                     cursor=result.cursor) as context:  # fmt: skip
+        with dg.build_sensor_context(
+            instance=postgres_instance, resources={"kombinat": kombinat}, cursor=result.cursor
+        ) as context:
             assert retrain_sensor(context).run_requests == []
 
         # planted bad data 1: a contributor who answers at random on fresh pairs alice also labels
@@ -264,11 +302,12 @@ def test_the_loop_end_to_end(
                 "split": MIRROR_SPLIT,
                 "cycle": "c000",
                 "priority": 1.0,
-            }  # fmt: skip
+            }
             for i in range(30)
         ]
-        httpx.post(f"{server.url}/api/v1/admin/pairs", json={"pairs": fresh},
-                   headers=bearer(server.admin_token)).raise_for_status()  # fmt: skip
+        httpx.post(
+            f"{server.url}/api/v1/admin/pairs", json={"pairs": fresh}, headers=bearer(server.admin_token)
+        ).raise_for_status()
         mallory_token = sign_in(_Server(server.url), github, "mallory", 1003)
         assert label_at_random(server.url, mallory_token, seed=7) >= 20
         run_annotator(server.url, alice)

@@ -1,0 +1,1 @@
+"""Training embedding models on verified pairs: losses, the training-set builder, the coordinate-ascent trainer."""

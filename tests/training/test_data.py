@@ -1,0 +1,78 @@
+"""The training-set builder on a lake cut from real SciFact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from embedkomb_pipeline.export import write_verified
+from embedkomb_pipeline.ids import text_hash
+from embedkomb_pipeline.training.data import build_training_set, export_files
+from tests.training.conftest import SPLIT, Lake
+
+
+def test_positives_negatives_and_masks(lake: Lake) -> None:
+    ts = build_training_set([lake.source], export_files(lake.export_root, [SPLIT], "c000"), [lake.candidates])
+    relevant = [r for r in lake.verified_rows if r["label"]]
+    not_relevant = [r for r in lake.verified_rows if not r["label"]]
+    assert relevant and not_relevant, "the fixture must verify pairs both ways"
+    assert ts.counts["verified_relevant"] == len(relevant)
+    assert ts.counts["verified_not_relevant"] == len(not_relevant)
+    assert len(ts.documents) == len(ts.doc_ids) == len(set(ts.doc_ids))
+    qi = {q: i for i, q in enumerate(ts.query_ids)}
+    di = {d: i for i, d in enumerate(ts.doc_ids)}
+    verified = {(text_hash(r["query"]), text_hash(r["document"])) for r in lake.verified_rows}
+    for r in relevant:
+        q, d = qi[text_hash(r["query"])], di[text_hash(r["document"])]
+        assert d in ts.positives[q] and ts.positives[q][0] != d  # the source positive comes first
+        assert d not in ts.masked[q] and d not in ts.hard_negatives[q]
+    for r in not_relevant:
+        q, d = qi[text_hash(r["query"])], di[text_hash(r["document"])]
+        assert d in ts.hard_negatives[q] and d not in ts.masked[q] and d not in ts.positives[q]
+    unverified = [c for c in lake.candidate_rows if (c["query_id"], c["doc_id"]) not in verified]
+    assert ts.counts["masked_candidates"] == len({(c["query_id"], c["doc_id"]) for c in unverified})
+    for c in unverified:
+        assert di[c["doc_id"]] in ts.masked[qi[c["query_id"]]]
+    # every query keeps its source positive; a query's document view is the transpose
+    assert all(p for p in ts.positives)
+    view = ts.view("document")
+    assert view.cache_texts == ts.queries
+    anchor_of = {text: k for k, text in enumerate(view.anchor_texts)}
+    for r in relevant:
+        k = anchor_of[ts.documents[di[text_hash(r["document"])]]]
+        assert qi[text_hash(r["query"])] in view.positives[k]
+
+
+def test_without_labels_every_candidate_is_masked_and_unfiltered_makes_them_negatives(lake: Lake) -> None:
+    ts = build_training_set([lake.source], [], [lake.candidates])
+    assert ts.counts["verified_relevant"] == 0
+    assert all(len(p) == 1 for p in ts.positives)
+    assert ts.counts["masked_candidates"] == len(lake.candidate_rows)
+    top2 = build_training_set([lake.source], [], [lake.candidates], mask_top_k=2)
+    assert top2.counts["masked_candidates"] == sum(1 for c in lake.candidate_rows if c["rank"] <= 2)
+    labeled = build_training_set([lake.source], export_files(lake.export_root, [SPLIT], "c000"), [lake.candidates])
+    raw = labeled.unfiltered()
+    assert all(len(p) == 1 for p in raw.positives) and not any(raw.masked)
+    # every mined candidate (verified relevant ones included) is a negative in the unfiltered ablation
+    assert sum(len(n) for n in raw.hard_negatives) == len(lake.candidate_rows)
+
+
+def test_later_cycles_unnormalized_text_and_new_queries(lake: Lake, tmp_path: Path) -> None:
+    export_root = tmp_path / "export"
+    r = dict(lake.verified_rows[0])
+    write_verified(lake.verified_rows, export_root, SPLIT, "c000")
+    # c001: the same pair re-verified the other way, with its texts spaced differently (ids must still match)
+    flipped = {**r, "label": not r["label"], "cycle": "c001", "pair_id": r["pair_id"] + "-x",
+               "query": "  " + r["query"].replace(" ", "  "), "document": r["document"] + "\n"}  # fmt: skip
+    new_query = {**r, "query": "A query no source pair has", "document": "A document no source pair has.",
+                 "label": True, "cycle": "c001", "pair_id": "new"}  # fmt: skip
+    write_verified([flipped, new_query], export_root, SPLIT, "c001")
+    assert [p.stem for p in export_files(export_root, [SPLIT], "c000")] == ["c000"]
+    files = export_files(export_root, [SPLIT], "c001")
+    assert [p.stem for p in files] == ["c000", "c001"]
+    ts = build_training_set([lake.source], files, [lake.candidates])
+    q = ts.query_ids.index(text_hash(r["query"]))
+    d = ts.doc_ids.index(text_hash(r["document"]))
+    assert (d in ts.positives[q]) == (not r["label"])  # the later verdict wins
+    assert (d in ts.hard_negatives[q]) == r["label"]
+    nq = ts.query_ids.index(text_hash("A query no source pair has"))
+    assert ts.documents[ts.positives[nq][0]] == "A document no source pair has."

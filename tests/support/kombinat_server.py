@@ -11,7 +11,7 @@ Usage::
         httpx.post(f"{server.url}/api/v1/batches/claim", headers=bearer(token), json={...})
 
 ``running_kombinat()`` makes a fresh database (unless ``database_url`` is given), migrates it, starts
-``uvicorn kombinat_api.asgi:app`` and yields a ``KombinatServer`` with ``url``, ``admin_token`` and
+``kombinat serve`` (uvicorn) and yields a ``KombinatServer`` with ``url``, ``admin_token`` and
 ``database_url``. The process and the database are removed at exit.
 """
 
@@ -107,10 +107,10 @@ def start_server(
     # The repository root must be importable even when the package is not installed in editable mode.
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH")]))
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the process
+    # Exactly what an operator runs: `kombinat serve` (uvicorn underneath).
     cmd = [
-        sys.executable, "-m", "uvicorn", "kombinat_api.asgi:app",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-        "--no-access-log", "--log-level", "warning",
+        sys.executable, "-m", "kombinat_api.cli", "serve",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level", "warning",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
     url = f"http://127.0.0.1:{port}"

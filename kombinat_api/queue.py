@@ -152,11 +152,18 @@ WITH async_commit AS (
 ), hp AS (
     -- never a batch of honeypots alone: with no ordinary pair to hide among they would be obvious
     SELECT pair_id FROM hp_pick WHERE EXISTS (SELECT 1 FROM picked)
+), hpi AS (
+    -- Two concurrent claims of one contributor may draw the same honeypot; the later one leaves it out
+    -- (handing it out unrecorded would make its label a tell-tale refusal).
+    INSERT INTO batch_honeypot (batch_id, pair_id, contributor_id)
+    SELECT %(bid)s, pair_id, %(cid)s FROM hp
+    ON CONFLICT (pair_id, contributor_id) DO NOTHING
+    RETURNING pair_id
 ), nb AS (
     INSERT INTO batch (batch_id, contributor_id, backend, model_id, quantization, annotator_version, tier,
                        size, n_honeypots, expires_at)
     SELECT %(bid)s, %(cid)s, %(backend)s, %(model_id)s, %(quantization)s, %(annotator_version)s,
-           (SELECT tier FROM m), (SELECT count(*) FROM picked), (SELECT count(*) FROM hp),
+           (SELECT tier FROM m), (SELECT count(*) FROM picked), (SELECT count(*) FROM hpi),
            now() + make_interval(secs => %(lease)s)
     WHERE EXISTS (SELECT 1 FROM picked)
     RETURNING expires_at
@@ -167,16 +174,13 @@ WITH async_commit AS (
     -- them without searching the primary key again (a join here even drifted into a full table scan).
     WHERE p.ctid = ANY(ARRAY(SELECT tid FROM picked))
     RETURNING p.pair_id
-), hpi AS (
-    INSERT INTO batch_honeypot (batch_id, pair_id, contributor_id)
-    SELECT %(bid)s, pair_id, %(cid)s FROM hp
 )
 SELECT h.tier, h.expires_at, c.pair_id, c.query, c.document
 FROM (SELECT (SELECT tier FROM m) AS tier,
              coalesce((SELECT expires_at FROM nb), now() + make_interval(secs => %(lease)s)) AS expires_at,
              (SELECT s FROM async_commit) AS s) h
 LEFT JOIN pair_content c
-    ON c.pair_id = ANY(ARRAY(SELECT pair_id FROM leased UNION ALL SELECT pair_id FROM hp))
+    ON c.pair_id = ANY(ARRAY(SELECT pair_id FROM leased UNION ALL SELECT pair_id FROM hpi))
 ORDER BY c.pair_id
 """
 

@@ -48,8 +48,8 @@ def contributor_tokens(database_url: str, n: int) -> list[tuple[int, str]]:
     with engine.begin() as conn:
         for i in range(n):
             cid = conn.exec_driver_sql(
-                "INSERT INTO contributor (github_id, login, trusted) VALUES (%(g)s, %(l)s, true) RETURNING id",
-                {"g": 50_000 + i, "l": f"c{i}"},
+                "INSERT INTO contributor (login, trusted) VALUES (%(l)s, true) RETURNING id",
+                {"l": f"c{i}"},
             ).scalar_one()
             out.append((cid, issue_token(conn, cid, False, f"c{i}")))
     engine.dispose()
@@ -208,3 +208,30 @@ def test_two_server_processes_on_one_database_stay_consistent() -> None:
         sa = httpx.get(f"{a.url}/api/v1/stats").json()
         sb = httpx.get(f"{b.url}/api/v1/stats").json()
         assert sa["totals"] == sb["totals"] and sa["totals"]["verified"] == len(ids)
+
+
+def test_one_contributor_claiming_in_parallel_never_sees_a_honeypot_twice(server: KombinatServer) -> None:
+    enqueue(server, 200)
+    gold = [
+        {"pair_id": str(uuid.uuid4()), "query": f"hq{i}", "document": f"hd{i}", "relevant": True, "grade": 1,
+         "source": "t"}
+        for i in range(12)
+    ]  # fmt: skip
+    httpx.post(f"{server.url}/api/v1/admin/honeypots", json={"honeypots": gold}, headers=bearer(server.admin_token))
+    [(_, token)] = contributor_tokens(server.database_url, 1)
+    barrier = threading.Barrier(8)
+
+    def claim(_: int) -> list[str]:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            barrier.wait()
+            r = c.post("/api/v1/batches/claim", json={"size": 20, "model": model_info()}, headers=bearer(token))
+            assert r.status_code == 200, r.text
+            return [p["pair_id"] for p in r.json()["pairs"]]
+
+    with ThreadPoolExecutor(8) as pool:
+        batches = list(pool.map(claim, range(8)))
+    ids = {g["pair_id"] for g in gold}
+    shown = [pid for b in batches for pid in b if pid in ids]
+    assert len(shown) == len(set(shown))
+    everything = [pid for b in batches for pid in b]
+    assert len(everything) == len(set(everything))

@@ -1,0 +1,121 @@
+"""The checkpoint asset: one embedding model per cycle, trained on all verified pairs so far.
+
+Wiring only: embedkomb_pipeline.training.checkpoint does the work. No `from __future__ import annotations`
+here: Dagster reads the context annotation at definition time.
+"""
+
+import json
+import warnings
+from pathlib import Path
+
+import dagster as dg
+
+from embedkomb_pipeline.defs.loop import verified_pairs
+from embedkomb_pipeline.defs.partitions import cycle_partitions
+from embedkomb_pipeline.defs.resources import DenseModelResource, LakeResource
+from embedkomb_pipeline.embedding import default_base_model_path
+from embedkomb_pipeline.training.checkpoint import train_checkpoint, verified_splits
+from embedkomb_pipeline.training.coordinate_ascent import TrainConfig
+
+# a cycle's checkpoint reads the verified_pairs of every split of that cycle (and of earlier cycles, from the lake)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", dg.BetaWarning)  # beta since Dagster 1.5; the documented way, as in partitions.py
+    from_cycle = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="cycle")
+
+
+class CheckpointConfig(dg.Config):
+    """Training knobs (defaults: the 2022 recipe, lr 1e-4, batch 64, exact softmax with coordinate ascent)."""
+
+    loss: str = "exact"  # "exact" or "infonce" (the baseline)
+    towers: str = "shared"  # "shared" (mining uses one model) or "separate"
+    phases: int = 2
+    epochs_per_phase: float = 1.0
+    max_steps_per_phase: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-4
+    temperature: float = 0.05
+    chunk_size: int = 8192
+    matryoshka_dims: list[int] | None = None
+    hard_negatives_per_query: int = 1
+    max_seq_length: int = 256
+    splits: list[str] | None = None  # None: every split with a verified export up to this cycle
+    max_queries: int | None = None
+    mask_top_k: int | None = None  # mask unverified candidates ranked ≤ this; None: all of them
+    track_objective: bool = True
+    seed: int = 0
+
+
+@dg.asset(
+    partitions_def=cycle_partitions,
+    deps=[
+        dg.AssetDep(
+            verified_pairs,
+            partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="cycle"),
+        )
+    ],
+    group_name="training",
+    kinds={"pytorch", "sentence-transformers"},
+    description=(
+        "The embedding model trained on all verified pairs up to this cycle (exact softmax with coordinate ascent "
+        "by default), in sentence-transformers format with its training config, metrics and loss curve."
+    ),
+)
+def checkpoint(
+    context: dg.AssetExecutionContext, config: CheckpointConfig, lake: LakeResource, dense_model: DenseModelResource
+) -> dg.MaterializeResult:
+    cycle = context.partition_key
+    base_model = Path(dense_model.base_model_path) if dense_model.base_model_path else default_base_model_path()
+    splits = config.splits if config.splits is not None else verified_splits(lake.export_dir, cycle)
+    candidate_files = [
+        p
+        for split in splits
+        for p in sorted(lake.candidates_path(split, cycle).parent.parent.glob("*/candidates.parquet"))
+        if p.parent.name <= cycle  # cycle keys sort in order
+    ]
+    train_config = TrainConfig(
+        loss=config.loss,  # type: ignore[arg-type]
+        towers=config.towers,  # type: ignore[arg-type]
+        phases=config.phases,
+        epochs_per_phase=config.epochs_per_phase,
+        max_steps_per_phase=config.max_steps_per_phase,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        temperature=config.temperature,
+        chunk_size=config.chunk_size,
+        matryoshka_dims=tuple(config.matryoshka_dims) if config.matryoshka_dims else None,
+        hard_negatives_per_query=config.hard_negatives_per_query,
+        max_seq_length=config.max_seq_length,
+        seed=config.seed,
+    )
+    report = train_checkpoint(
+        cycle=cycle,
+        base_model=base_model,
+        export_root=lake.export_dir,
+        source_pairs={s: lake.source_pairs_path(s) for s in splits},
+        candidate_files=candidate_files,
+        out_dir=lake.checkpoint_dir(cycle),
+        config=train_config,
+        splits=splits,
+        max_queries=config.max_queries,
+        mask_top_k=config.mask_top_k,
+        log=context.log.info,
+    )
+    metrics = report.result.metrics()
+    return dg.MaterializeResult(
+        metadata={
+            "model_path": dg.MetadataValue.path(str(report.model_dir)),
+            "base_model": str(base_model),
+            "device": report.result.device,
+            "splits": report.splits,
+            "training_set": dg.MetadataValue.json(report.data.counts),
+            "steps": metrics["steps"],
+            "examples_per_second": metrics["examples_per_second"],
+            "objective_before": metrics["objective_before"],
+            "objective_after": metrics["objective_after"],
+            "final_step_loss": report.result.steps[-1]["loss"] if report.result.steps else None,
+            "metrics": dg.MetadataValue.json(json.loads((report.out_dir / "metrics.json").read_text())),
+            "loss_curve": dg.MetadataValue.md(report.loss_curve_markdown()),
+            "loss_curve_path": dg.MetadataValue.path(str(report.paths["loss_curve"])),
+            "seconds": round(report.seconds, 1),
+        }
+    )

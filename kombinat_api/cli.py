@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
+import unicodedata
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,9 +17,23 @@ from kombinat_api.settings import Settings
 
 app = typer.Typer(help="kombinat: the Embed Kombinat coordination server.", no_args_is_help=True)
 
-# Honeypot pair IDs are derived like every other pair ID (uuid5 of the query text, the document id and the
-# source), so an ID never tells a honeypot from an ordinary pair.
-HONEYPOT_NAMESPACE = uuid.UUID("6f0c1d2e-5b7a-4c1e-9d3f-8a2b4c6d8e10")
+# Honeypot pair IDs are derived exactly like the pipeline's pair IDs (embedkomb_pipeline/ids.py, which a
+# server-only install does not have): uuid5(namespace, normalized query + doc_id + source), doc_id being the
+# BLAKE2b-128 of the normalized document. So an ID never tells a honeypot from an ordinary pair.
+PAIR_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/embed-kombinat/pairs")
+_WHITESPACE = re.compile(r"\s+")
+_CONTROL_OR_SURROGATE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def normalize_text(text: str) -> str:
+    text = unicodedata.normalize("NFC", _CONTROL_OR_SURROGATE.sub("", text))
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def honeypot_pair_id(query: str, document: str, source: str) -> uuid.UUID:
+    doc_id = hashlib.blake2b(normalize_text(document).encode("utf-8"), digest_size=16).hexdigest()
+    return uuid.uuid5(PAIR_NAMESPACE, normalize_text(query) + doc_id + source)
+
 
 DbOption = Annotated[str | None, typer.Option("--database-url", help="Overrides KOMBINAT_DATABASE_URL.")]
 
@@ -140,8 +157,10 @@ def beir_honeypots(folder: Path, split: str, negatives_per_positive: float, seed
 
 
 def _gold(query: str, doc_id: str, document: str, relevant: bool, grade: int, source: str) -> dict[str, Any]:
+    del doc_id  # the BEIR id is the source's; the pair id uses the text hash like the pipeline does
+    query, document = normalize_text(query), normalize_text(document)
     return {
-        "pair_id": uuid.uuid5(HONEYPOT_NAMESPACE, query + doc_id + source),
+        "pair_id": honeypot_pair_id(query, document, f"honeypot:{source}"),
         "query": query,
         "document": document,
         "relevant": relevant,

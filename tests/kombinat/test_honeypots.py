@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
+
 from tests.kombinat.conftest import Kombinat
 
 
@@ -80,3 +82,14 @@ def test_release_counts_honeypots_like_pairs(kmb: Kombinat) -> None:
     assert any(p["pair_id"] in gold for p in batch["pairs"])
     resp = kmb.client.post(f"/api/v1/batches/{batch['batch_id']}/release", json={"pair_ids": None}, headers=who.headers)
     assert resp.json() == {"released": 10}
+
+
+def test_honeypot_ids_are_derived_like_pipeline_pair_ids() -> None:
+    """kombinat cannot import the pipeline (server-only installs), so it mirrors its ID formula."""
+    ids = pytest.importorskip("embedkomb_pipeline.ids")
+    from kombinat_api.cli import honeypot_pair_id
+
+    query, document, source = "What  causes\tscurvy?", "Vitamin C deficiency causes scurvy.\u0301", "honeypot:x"
+    expected = ids.pair_id(ids.normalize_text(query), ids.text_hash(ids.normalize_text(document)), source)
+    assert str(honeypot_pair_id(query, document, source)) == expected
+    assert uuid.UUID(expected).version == 5

@@ -88,6 +88,20 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def backends_of(dbname: str) -> list[int]:
+    """PostgreSQL backends serving one database: their process title names it."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if dbname.encode() in f.read():
+                        out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
 def children(pid: int) -> list[int]:
     out: list[int] = []
     try:
@@ -309,7 +323,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=200_000)
     ap.add_argument("--annotators", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=250)
-    ap.add_argument("--workers", type=int, default=3, help="uvicorn worker processes")
+    ap.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
     ap.add_argument("--honeypots", type=int, default=3000)
     ap.add_argument("--noise", type=float, default=0.02, help="share of ordinary verdicts flipped at random")
     ap.add_argument("--ceiling-pairs", type=int, default=100_000)
@@ -318,7 +332,7 @@ def main() -> int:
     ap.add_argument(
         "--rate",
         type=float,
-        default=0.0,
+        default=120.0,
         help="labels/s each simulated annotator produces (its model's speed); 0 = no labeling time (saturation)",
     )
     ap.add_argument("--keep-db", action="store_true")
@@ -405,15 +419,10 @@ def main() -> int:
 
         print(f"driving {args.annotators} annotators, batches of {args.batch_size}, chunks of {CHUNK} ...")
         server_pids = [proc.pid, *children(proc.pid)]
-        pg_pids = [
-            r[0] for r in check_conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
-        ]
+        pg_pids = backends_of(dbname)
         cpu0 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), cpu_seconds(pg_pids), os.times().elapsed)
         elapsed = asyncio.run(drive())
-        pg_pids = sorted(
-            set(pg_pids)
-            | {r[0] for r in check_conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")}
-        )
+        pg_pids = sorted(set(pg_pids) | set(backends_of(dbname)))
         cpu1 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), cpu_seconds(pg_pids), os.times().elapsed)
         wall = cpu1[3] - cpu0[3]
         cpu_share = {

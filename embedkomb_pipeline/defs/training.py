@@ -47,12 +47,7 @@ class CheckpointConfig(dg.Config):
 
 @dg.asset(
     partitions_def=cycle_partitions,
-    deps=[
-        dg.AssetDep(
-            verified_pairs,
-            partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="cycle"),
-        )
-    ],
+    deps=[dg.AssetDep(verified_pairs, partition_mapping=from_cycle)],
     group_name="training",
     kinds={"pytorch", "sentence-transformers"},
     description=(
@@ -98,11 +93,14 @@ def checkpoint(
         splits=splits,
         max_queries=config.max_queries,
         mask_top_k=config.mask_top_k,
+        track_objective=config.track_objective,
         log=context.log.info,
     )
     metrics = report.result.metrics()
+    objective = {k: metrics[k] for k in ("objective_before", "objective_after") if metrics[k] is not None}
     return dg.MaterializeResult(
         metadata={
+            **objective,
             "model_path": dg.MetadataValue.path(str(report.model_dir)),
             "base_model": str(base_model),
             "device": report.result.device,
@@ -110,8 +108,6 @@ def checkpoint(
             "training_set": dg.MetadataValue.json(report.data.counts),
             "steps": metrics["steps"],
             "examples_per_second": metrics["examples_per_second"],
-            "objective_before": metrics["objective_before"],
-            "objective_after": metrics["objective_after"],
             "final_step_loss": report.result.steps[-1]["loss"] if report.result.steps else None,
             "metrics": dg.MetadataValue.json(json.loads((report.out_dir / "metrics.json").read_text())),
             "loss_curve": dg.MetadataValue.md(report.loss_curve_markdown()),

@@ -51,6 +51,7 @@ def train_checkpoint(
     splits: Sequence[str] | None = None,
     max_queries: int | None = None,
     mask_top_k: int | None = None,
+    track_objective: bool = True,
     log: Callable[[str], None] = print,
 ) -> CheckpointReport:
     """Train from the base model on all verified data of `splits` (default: every verified split) up to `cycle`.
@@ -75,7 +76,7 @@ def train_checkpoint(
         data = data.subset(max_queries, seed=config.seed)
     log(f"training set: {data.counts}")
     trainer = TowerTrainer(base_model, data, config)
-    result = trainer.train(log=log)
+    result = trainer.train(log=log, track_objective=track_objective)
     extra = {"cycle": cycle, "splits": splits, "base_model": str(base_model), "max_queries": max_queries,
              "mask_top_k": mask_top_k}  # fmt: skip
     paths = write_checkpoint(trainer, result, out_dir, extra)

@@ -1,0 +1,164 @@
+"""Retrieval quality after fine-tuning: nDCG@10 on the held-out SciFact test claims (300 queries, human qrels).
+
+Training data is the pipeline's sample split, scifact_title_abstract (paper titles → their abstracts), with BM25
+(bm25s) top-k candidates per title mined as the pipeline's mining stage would. No LLM verdicts are produced here
+(labeling 50k pairs offline takes hours on 2 cores), so every mined candidate is *unverified*; the variants
+differ in what they do with them:
+
+  (a) base        all-MiniLM-L6-v2 as shipped;
+  (b) unfiltered  InfoNCE with the mined candidates as hard negatives (what hard-negative mining does unlabeled);
+  (c) infonce     InfoNCE with in-batch negatives, unverified mined candidates masked out of the denominator;
+  (d) exact       exact softmax over the whole corpus cache with coordinate ascent, candidates masked.
+
+All trained variants start from (a) and get the same number of optimizer steps, batch, lr (1e-4), temperature
+and sequence length. Evaluation: exact cosine search over the whole SciFact corpus (title + " " + text, as MTEB
+builds it), binary qrels, nDCG@10 computed here; (a) should reproduce MTEB's published 64.51 up to precision.
+Caveat: the titles and abstracts are SciFact's own corpus, so training sees the evaluation documents (never
+the test claims or their judgments) — as a domain split would in the pipeline.
+
+    flock /tmp/embedkomb-bench.lock .venv/bin/python bench/quality.py --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+REPO = Path(__file__).resolve().parents[1]
+# bench/queue.py would shadow the standard library's queue (psycopg imports it via the pipeline): drop bench/
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(REPO))
+
+if TYPE_CHECKING:
+    from embedkomb_pipeline.beir import BeirDataset
+    from embedkomb_pipeline.training.data import TrainingSet
+
+
+def ndcg_at_10(ranked: list[list[str]], qids: list[str], qrels: dict[str, dict[str, int]]) -> float:
+    total = 0.0
+    for qid, docs in zip(qids, ranked, strict=True):
+        rel = qrels[qid]
+        dcg = sum((2 ** rel.get(d, 0) - 1) / math.log2(i + 2) for i, d in enumerate(docs[:10]))
+        ideal = sorted(rel.values(), reverse=True)[:10]
+        idcg = sum((2**g - 1) / math.log2(i + 2) for i, g in enumerate(ideal))
+        total += dcg / idcg if idcg else 0.0
+    return total / len(qids)
+
+
+def evaluate(model_dir: Path, beir: BeirDataset, batch_size: int = 64) -> float:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    qrels = beir.judged("test")
+    qids = [q for q in qrels if q in beir.queries]
+    doc_ids = list(beir.corpus)
+    docs = [(beir.corpus[d].title + " " + beir.corpus[d].text).strip() for d in doc_ids]
+    model = SentenceTransformer(str(model_dir), device=None, local_files_only=True)
+    kw = {"batch_size": batch_size, "convert_to_tensor": True, "normalize_embeddings": True, "show_progress_bar": False}
+    d = model.encode(docs, **kw).float().cpu()
+    q = model.encode([beir.queries[x] for x in qids], **kw).float().cpu()
+    top = torch.topk(q @ d.T, 10, dim=1).indices.tolist()
+    return ndcg_at_10([[doc_ids[j] for j in row] for row in top], qids, qrels)
+
+
+def build_training_set(data_dir: Path, top_k: int, work: Path) -> TrainingSet:
+    import bm25s
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedkomb_pipeline.mining import CANDIDATE_SCHEMA
+    from embedkomb_pipeline.sources import iter_sample_split, write_source_pairs
+    from embedkomb_pipeline.training.data import build_training_set as build
+
+    source = work / "source.parquet"
+    write_source_pairs(iter_sample_split("scifact_title_abstract", data_dir), "scifact_title_abstract", source)
+    frame = pl.read_parquet(source)
+    queries, docs = frame["query"].to_list(), frame["document"].to_list()
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(docs, stopwords="en", show_progress=False), show_progress=False)
+    hits, _scores = retriever.retrieve(
+        bm25s.tokenize(queries, stopwords="en", show_progress=False), k=top_k + 1, show_progress=False
+    )
+    qid, did = frame["query_id"].to_list(), frame["doc_id"].to_list()
+    cols: dict[str, list] = {name: [] for name in CANDIDATE_SCHEMA.names}
+    for i, row in enumerate(hits):
+        kept = [int(j) for j in row if did[int(j)] != did[i]][:top_k]
+        for rank, j in enumerate(kept, start=1):
+            for name, value in (
+                ("pair_id", f"{i}-{j}"), ("query_id", qid[i]), ("doc_id", did[j]), ("split", "scifact_title_abstract"),
+                ("cycle", "c000"), ("bm25_rank", rank), ("dense_rank", None), ("rrf_score", 1 / (60 + rank)),
+                ("rank", rank),
+            ):  # fmt: skip
+                cols[name].append(value)
+    candidates = work / "candidates.parquet"
+    pq.write_table(pa.table(cols, schema=CANDIDATE_SCHEMA), candidates)
+    return build([source], [], [candidates])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per trained variant")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=10, help="mined candidates per title")
+    parser.add_argument("--variants", default="base,unfiltered,infonce,exact")
+    parser.add_argument(
+        "--data-dir", default=os.environ.get("EMBEDKOMB_DATA_DIR", str(REPO.parent / "shared" / "data"))
+    )
+    parser.add_argument("--out", default=None, help="keep the trained models here (default: a temporary folder)")
+    args = parser.parse_args()
+
+    import tempfile
+
+    import torch
+
+    from embedkomb_pipeline.beir import load_beir
+    from embedkomb_pipeline.embedding import default_base_model_path
+    from embedkomb_pipeline.training.coordinate_ascent import TowerTrainer, TrainConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device: {device}", flush=True)
+    beir = load_beir(Path(args.data_dir) / "scifact")
+    base = default_base_model_path()
+    work = Path(args.out or tempfile.mkdtemp(prefix="bench-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = build_training_set(Path(args.data_dir) / "scifact", args.top_k, work)
+    print(f"training set: {data.counts}", flush=True)
+    common = {"batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "lr": 1e-4, "seed": 0}
+    results = {}
+    for variant in args.variants.split(","):
+        t0 = time.perf_counter()
+        if variant == "base":
+            model_dir = base
+        else:
+            if variant == "exact":
+                # two phases (query tower, then document tower, cache re-encoded), the same total steps
+                config = TrainConfig(
+                    loss="exact", phases=2, epochs_per_phase=1.0, max_steps_per_phase=args.steps // 2, **common
+                )
+                variant_data = data
+            else:
+                config = TrainConfig(loss="infonce", phases=1, epochs_per_phase=1.0, max_steps_per_phase=args.steps,
+                                     hard_negatives_per_query=1, **common)  # fmt: skip
+                variant_data = data.unfiltered() if variant == "unfiltered" else data
+            trainer = TowerTrainer(base, variant_data, config)
+            trainer.train(log=lambda m: print("  " + m, flush=True), track_objective=False)
+            model_dir = trainer.save(work / variant)["model"]
+            del trainer
+        train_seconds = time.perf_counter() - t0
+        score = evaluate(model_dir, beir)
+        results[variant] = {"ndcg@10": round(score, 4), "seconds": round(time.perf_counter() - t0, 1),
+                            "train_seconds": round(train_seconds, 1)}  # fmt: skip
+        print(f"{variant:12} nDCG@10 {score:.4f}  ({results[variant]['seconds']} s)", flush=True)
+    print(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -36,6 +36,7 @@ class CheckpointConfig(dg.Config):
     temperature: float = 0.05
     chunk_size: int = 8192
     matryoshka_dims: list[int] | None = None
+    label_smoothing: float = 0.0  # exact softmax only; the 2022 recipe uses 0.01
     hard_negatives_per_query: int = 1
     max_seq_length: int = 256
     splits: list[str] | None = None  # None: every split with a verified export up to this cycle
@@ -78,6 +79,7 @@ def checkpoint(
         temperature=config.temperature,
         chunk_size=config.chunk_size,
         matryoshka_dims=tuple(config.matryoshka_dims) if config.matryoshka_dims else None,
+        label_smoothing=config.label_smoothing,
         hard_negatives_per_query=config.hard_negatives_per_query,
         max_seq_length=config.max_seq_length,
         seed=config.seed,

@@ -50,6 +50,7 @@ class TrainConfig:
     temperature: float = 0.05  # MultipleNegativesRankingLoss' scale 20
     chunk_size: int = 8192
     matryoshka_dims: tuple[int, ...] | None = None
+    label_smoothing: float = 0.0  # exact only; the 2022 code uses 0.01
     hard_negatives_per_query: int = 1  # infonce only: verified non-relevant documents sampled into each batch
     max_seq_length: int = 256
     encode_batch_size: int = 128
@@ -121,7 +122,11 @@ class TowerTrainer:
         self.optimizers = {
             id(t): torch.optim.AdamW(t.parameters(), lr=config.lr, weight_decay=config.weight_decay) for t in towers
         }
-        self.exact = ExactSoftmaxLoss(config.temperature, config.chunk_size, config.matryoshka_dims)
+        self.exact = ExactSoftmaxLoss(
+            config.temperature, config.chunk_size, config.matryoshka_dims, config.label_smoothing
+        )
+        # the reported objective is the plain definition (full size, no smoothing), whatever the training loss adds
+        self.objective_loss = ExactSoftmaxLoss(config.temperature, config.chunk_size)
         self.infonce = InfoNCELoss(config.temperature, config.matryoshka_dims)
 
     def tower(self, side: Side) -> SentenceTransformer:
@@ -173,7 +178,7 @@ class TowerTrainer:
         total = 0.0
         for start in range(0, anchors.shape[0], anchor_batch):
             stop = start + anchor_batch
-            per = self.exact.per_anchor(
+            per = self.objective_loss.per_anchor(
                 anchors[start:stop].float(), cache, _pad(view.positives[start:stop], self.device),
                 _pad(view.masked[start:stop], self.device),
             )  # fmt: skip

@@ -157,11 +157,31 @@ class ExactSoftmaxLoss(nn.Module):
         temperature: float = 0.05,
         chunk_size: int = 8192,
         matryoshka_dims: Sequence[int] | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.matryoshka_dims = list(matryoshka_dims) if matryoshka_dims else None
+        # the 2022 code smooths its cross-entropy by 0.01: ε of the target mass spread evenly over the unmasked rows
+        self.label_smoothing = label_smoothing
+
+    def _smoothing_term(self, a: Tensor, cache: Tensor, mask_idx: Tensor | None, dim: int | None) -> Tensor:
+        """mean over unmasked j of S_ij = a_i · (Σ_all c_j − Σ_masked c_m) / (|unmasked| τ); mask indices distinct.
+
+        A sum over the cache (N × d → d, chunk by chunk), never a B × N matrix.
+        """
+        total = torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
+        for start in range(0, cache.shape[0], self.chunk_size):
+            total += _prefix(cache[start : start + self.chunk_size].detach().to(a.dtype), dim, True).sum(dim=0)
+        count = torch.full((a.shape[0],), float(cache.shape[0]), dtype=a.dtype, device=a.device)
+        per_row = total.expand(a.shape[0], -1)
+        if mask_idx is not None and mask_idx.numel():
+            valid = mask_idx != PAD
+            masked_rows = _prefix(cache.detach()[mask_idx.clamp(min=0)].to(a.dtype), dim, True)
+            per_row = per_row - (masked_rows * valid[..., None]).sum(dim=1)
+            count = count - valid.sum(dim=1)
+        return (a * per_row).sum(dim=1) / count / self.temperature
 
     def per_anchor(
         self, anchors: Tensor, cache: Tensor, pos_idx: Tensor, mask_idx: Tensor | None = None, dim: int | None = None
@@ -177,6 +197,10 @@ class ExactSoftmaxLoss(nn.Module):
         positives = _prefix(cache.detach()[pos_idx.clamp(min=0)].to(a.dtype), dim, normalize=True)
         pos_scores = torch.einsum("bd,bpd->bp", a, positives) / self.temperature
         numerator = torch.logsumexp(pos_scores.masked_fill(pos_idx == PAD, float("-inf")), dim=1)
+        if self.label_smoothing:
+            eps = self.label_smoothing
+            mean_score = self._smoothing_term(a, cache, mask_idx, dim)
+            return (1 - eps) * (denominator - numerator) + eps * (denominator - mean_score)
         return denominator - numerator
 
     def forward(self, anchors: Tensor, cache: Tensor, pos_idx: Tensor, mask_idx: Tensor | None = None) -> Tensor:

@@ -37,7 +37,15 @@ def test_checkpoint_materializes_and_the_next_cycle_mines_with_it(
     instance.add_dynamic_partitions(CYCLE_PARTITIONS_NAME, ["c000"])
     run_config = {
         "ops": {
-            "checkpoint": {"config": {"phases": 2, "max_steps_per_phase": 1, "batch_size": 16, "max_seq_length": 48}}
+            "checkpoint": {
+                "config": {
+                    "phases": 2,
+                    "max_steps_per_phase": 1,
+                    "batch_size": 16,
+                    "max_seq_length": 48,
+                    "label_smoothing": 0.01,
+                }
+            }
         }
     }
     result = dg.materialize(
@@ -59,6 +67,7 @@ def test_checkpoint_materializes_and_the_next_cycle_mines_with_it(
     assert metadata["loss_curve"].value.startswith("![loss curve](data:image/png;base64,iVBOR")
     config = json.loads((lake.checkpoint_dir("c000") / "training_config.json").read_text())
     assert config["cycle"] == "c000" and config["batch_size"] == 16 and config["lr"] == 1e-4
+    assert config["label_smoothing"] == 0.01
     model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
     assert model.encode(["a claim about T cells"]).shape == (1, 384)
     # cycle c001 mines with this checkpoint (ANCE-style re-mining)

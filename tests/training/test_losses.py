@@ -94,6 +94,42 @@ def test_gradient_flows_through_normalization_to_raw_embeddings() -> None:
     assert torch.autograd.gradcheck(f, (raw.requires_grad_(True),))
 
 
+@pytest.mark.parametrize("dims", [None, [4, 8]])
+def test_label_smoothing_matches_naive(dims: list[int] | None) -> None:
+    """(1 − ε)·CE + ε·(lse − mean of the unmasked scores): the 2022 recipe's smoothing, masked rows excluded."""
+    anchors, cache, pos_idx, mask_idx = random_problem(5, 29, 8, 2, 6, seed=21)
+    eps, tau = 0.1, 0.05
+
+    def naive(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scores = a @ c.T / tau
+        out = []
+        for i in range(a.shape[0]):
+            pos = {p for p in pos_idx[i].tolist() if p != PAD}
+            masked = {m for m in mask_idx[i].tolist() if m != PAD} - pos
+            keep = [j for j in range(c.shape[0]) if j not in masked]
+            lse = scores[i, keep].logsumexp(0)
+            ce = lse - scores[i, sorted(pos)].logsumexp(0)
+            out.append((1 - eps) * ce + eps * (lse - scores[i, keep].mean()))
+        return torch.stack(out).mean()
+
+    a1 = anchors.clone().requires_grad_(True)
+    a2 = anchors.clone().requires_grad_(True)
+    got = ExactSoftmaxLoss(tau, chunk_size=6, matryoshka_dims=dims, label_smoothing=eps)(a1, cache, pos_idx, mask_idx)
+    if dims is None:
+        want = naive(a2, cache)
+    else:
+        # the full size (8) is used as given: the inputs are unit vectors already
+        want = torch.stack([naive(F.normalize(a2[:, :4], dim=1), F.normalize(cache[:, :4], dim=1)), naive(a2, cache)])
+        want = want.mean()
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(a1.grad, a2.grad)
+    assert (
+        abs(got.item() - ExactSoftmaxLoss(tau, matryoshka_dims=dims)(anchors, cache, pos_idx, mask_idx).item()) > 1e-4
+    )
+
+
 def test_matryoshka_is_the_mean_over_renormalized_prefixes() -> None:
     anchors, cache, pos_idx, mask_idx = random_problem(4, 30, 16, 2, 4, seed=9)
     a1 = anchors.clone().requires_grad_(True)

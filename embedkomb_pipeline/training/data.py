@@ -55,6 +55,8 @@ class TrainingSet:
     hard_negatives: list[list[int]] = field(default_factory=list)  # verified not relevant
     masked: list[list[int]] = field(default_factory=list)  # mined, not verified: suspected false negatives
     counts: dict[str, int] = field(default_factory=dict)
+    # per query, how many of its leading positives are source pairs (the rest were verified); empty: all of them
+    n_source: list[int] = field(default_factory=list)
 
     def view(self, side: Side) -> SideView:
         """Queries as anchors against the document cache, or documents (those with a positive) against queries."""
@@ -96,6 +98,7 @@ class TrainingSet:
             [self.hard_negatives[i] for i in keep],
             [self.masked[i] for i in keep],
             {**self.counts, "queries": len(keep)},
+            [self.n_source[i] for i in keep] if self.n_source else [],
         )
 
     def unfiltered(self) -> TrainingSet:
@@ -103,19 +106,22 @@ class TrainingSet:
 
         The ablation "fine-tuning with unfiltered mined negatives" (what hard-negative mining does without labels).
         """
-        mined = [
-            sorted(set(m) | set(n) | (set(p) - {p[0]}))
-            for p, m, n in zip(self.positives, self.masked, self.hard_negatives, strict=True)
-        ]
+        n_source = self.n_source or [len(p) for p in self.positives]
+        keep = [i for i, k in enumerate(n_source) if k]  # a query only verification brought in has no source pair
         return TrainingSet(
-            self.query_ids,
-            self.queries,
+            [self.query_ids[i] for i in keep],
+            [self.queries[i] for i in keep],
             self.doc_ids,
             self.documents,
-            [p[:1] for p in self.positives],  # the first positive is the source one (see build_training_set)
-            mined,
-            [[] for _ in self.queries],
-            {**self.counts, "unfiltered": 1},
+            [self.positives[i][: n_source[i]] for i in keep],
+            # every mined candidate, verified relevant ones included, is a negative
+            [
+                sorted(set(self.masked[i]) | set(self.hard_negatives[i]) | set(self.positives[i][n_source[i] :]))
+                for i in keep
+            ],
+            [[] for _ in keep],
+            {**self.counts, "queries": len(keep), "unfiltered": 1},
+            [n_source[i] for i in keep],
         )
 
 
@@ -200,6 +206,7 @@ def build_training_set(
             if d not in ts.positives[q]:
                 ts.positives[q].append(d)
 
+    n_source = [len(p) for p in ts.positives]  # so far every positive is a source pair
     verified = _read_verified(verified_files)
     verified_keys: set[tuple[str, str]] = set()
     relevant = not_relevant = 0
@@ -231,12 +238,7 @@ def build_training_set(
                 ts.masked[q].append(d)
                 masked += 1
 
-    keep = [i for i, p in enumerate(ts.positives) if p]
-    if len(keep) < len(ts.query_ids):
-        ts = TrainingSet(
-            [ts.query_ids[i] for i in keep], [ts.queries[i] for i in keep], ts.doc_ids, ts.documents,
-            [ts.positives[i] for i in keep], [ts.hard_negatives[i] for i in keep], [ts.masked[i] for i in keep],
-        )  # fmt: skip
+    ts.n_source = n_source + [0] * (len(ts.query_ids) - len(n_source))  # queries verification brought in
     ts.counts = {
         "queries": len(ts.queries),
         "documents": len(ts.documents),

@@ -76,3 +76,10 @@ def test_later_cycles_unnormalized_text_and_new_queries(lake: Lake, tmp_path: Pa
     assert (d in ts.hard_negatives[q]) == r["label"]
     nq = ts.query_ids.index(text_hash("A query no source pair has"))
     assert ts.documents[ts.positives[nq][0]] == "A document no source pair has."
+    # the unfiltered ablation keeps source positives only, and drops the query only verification brought in
+    raw = ts.unfiltered()
+    assert text_hash("A query no source pair has") not in raw.query_ids
+    assert len(raw.queries) == len(ts.queries) - 1
+    assert all(len(p) == k for p, k in zip(raw.positives, raw.n_source, strict=True))
+    rq = raw.query_ids.index(text_hash(r["query"]))
+    assert (d in raw.hard_negatives[rq]) and d not in raw.positives[rq]

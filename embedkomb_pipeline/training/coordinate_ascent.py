@@ -345,6 +345,18 @@ def plot_loss_curve(result: TrainResult, path: Path, title: str = "training loss
             ax.axvspan(start - 0.5, start + n - 0.5, color="#eee")
         ax.text(start, ax.get_ylim()[1], f" {side}", va="top", fontsize=8)
         start += n
+    # the full-corpus objective (both sides, fresh encodings) before training and after each phase
+    tracked = [p for p in result.phase_objectives if p.get("after")]
+    if tracked:
+        ends = [sum(1 for s in result.steps if s["phase"] <= p["phase"]) - 0.5 for p in tracked]
+        ax.plot(
+            [-0.5, *ends],
+            [tracked[0]["before"]["mean"], *(p["after"]["mean"] for p in tracked)],
+            "o--",
+            color="#c50",
+            lw=1.2,
+            label="full-corpus objective",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)

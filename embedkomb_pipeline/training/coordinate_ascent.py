@@ -112,6 +112,7 @@ class TowerTrainer:
 
         def load() -> SentenceTransformer:
             model = SentenceTransformer(str(base_model), device=self.device, local_files_only=True)
+            self.base_max_seq_length = model.max_seq_length
             model.max_seq_length = min(config.max_seq_length, model.max_seq_length or config.max_seq_length)
             return model
 
@@ -314,10 +315,18 @@ class TowerTrainer:
         """
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {"model": out_dir / "model"}
-        self.document_tower.save(str(paths["model"]))
+        towers = [("model", self.document_tower)]
         if self.document_tower is not self.query_tower:
             paths["query_model"] = out_dir / "query_model"
-            self.query_tower.save(str(paths["query_model"]))
+            towers.append(("query_model", self.query_tower))
+        for name, tower in towers:
+            # the training window is a speed knob; the saved model keeps the base model's window for encoding
+            trained_window = tower.max_seq_length
+            tower.max_seq_length = self.base_max_seq_length
+            try:
+                tower.save(str(paths[name]))
+            finally:
+                tower.max_seq_length = trained_window
         return paths
 
 

@@ -52,6 +52,8 @@ def test_checkpoint_loads_with_sentence_transformers_and_encodes(
 ) -> None:
     trainer, _result, out = trained
     model = SentenceTransformer(str(out / "model"), device="cpu", local_files_only=True)
+    assert model.max_seq_length == 256  # the base model's window, not the 48 tokens it trained with
+    model.max_seq_length = 48  # compare with the trainer's encodings at its window
     texts = small_set.documents[:4]
     got = model.encode(texts, normalize_embeddings=True)
     assert got.shape == (4, 384)

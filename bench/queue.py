@@ -88,20 +88,6 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def backends_of(dbname: str) -> list[int]:
-    """PostgreSQL backends serving one database: their process title names it."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if dbname.encode() in f.read():
-                        out.append(int(entry))
-            except OSError:
-                pass
-    return out
-
-
 def children(pid: int) -> list[int]:
     out: list[int] = []
     try:
@@ -419,16 +405,13 @@ def main() -> int:
 
         print(f"driving {args.annotators} annotators, batches of {args.batch_size}, chunks of {CHUNK} ...")
         server_pids = [proc.pid, *children(proc.pid)]
-        pg_pids = backends_of(dbname)
-        cpu0 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), cpu_seconds(pg_pids), os.times().elapsed)
+        cpu0 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), os.times().elapsed)
         elapsed = asyncio.run(drive())
-        pg_pids = sorted(set(pg_pids) | set(backends_of(dbname)))
-        cpu1 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), cpu_seconds(pg_pids), os.times().elapsed)
-        wall = cpu1[3] - cpu0[3]
+        cpu1 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), os.times().elapsed)
+        wall = cpu1[2] - cpu0[2]
         cpu_share = {
             "load_generator": round((cpu1[0] - cpu0[0]) / wall, 2),
             "kombinat_workers": round((cpu1[1] - cpu0[1]) / wall, 2),
-            "postgres_backends": round((cpu1[2] - cpu0[2]) / wall, 2),
         }
         stop_server(proc)
         proc = None

@@ -148,9 +148,7 @@ def fetch(model: OfflineModel, dest: Path, *, print_hash: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", default=["tiny"], help="tiny, all, or model names")
     parser.add_argument("--dest", type=Path, default=Path(__file__).resolve().parent.parent / "models")
     parser.add_argument("--print-hash", action="store_true", help="print the computed sha256 (for pinning)")

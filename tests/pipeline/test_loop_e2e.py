@@ -47,26 +47,12 @@ from embedkomb_pipeline.defs.resources import (
     LocalSourceData,
     QualityThresholds,
 )
-from tests.annotator.conftest import TINY_MODEL, TINY_SHA256
+from tests.annotator.conftest import TINY_ENTRY, TINY_MODEL
 from tests.conftest import MIRROR_SPLIT
 from tests.pipeline.conftest import scifact_rows, write_hub_mirror
 from tests.support.fake_github import FakeGitHub
 from tests.support.kombinat_server import admit_model, bearer, running_kombinat, sign_in
 
-TINY_ENTRY: dict[str, Any] = {
-    "name": "smollm2-135m-q4_1",
-    "backend": "llama_cpp",
-    "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "quantization": "Q4_1",
-    "tier": 0,
-    "hub_repo": "",
-    "hub_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    "sha256": TINY_SHA256,
-    "size_bytes": 98_362_432,
-    "min_memory_gb": 0.5,
-    "admitted": True,
-    "qualification": {"note": "test model: code path only"},
-}
 KEY = dg.MultiPartitionKey({"split": MIRROR_SPLIT, "cycle": "c000"})
 
 

@@ -79,9 +79,7 @@ def run_ours(source: Path, top_k: int, precision: str, work: Path) -> dict:
     encoder = DenseEncoder(default_base_model_path(), name="all-MiniLM-L6-v2", precision=precision)
     load_seconds = time.perf_counter() - started
     cache = EmbeddingCache(work / "cache", encoder.identity)
-    report = mine_split(
-        source, work / "shard.parquet", "bench", "c000", encoder, cache, MiningConfig(top_k=top_k)
-    )
+    report = mine_split(source, work / "shard.parquet", "bench", "c000", encoder, cache, MiningConfig(top_k=top_k))
     return {
         "documents": report.documents,
         "queries": report.queries,
@@ -169,9 +167,7 @@ def spawn(method: str, source: Path, top_k: int, precision: str, work: Path) -> 
 
 
 def report(name: str, top_k: int, ours: dict, others: dict[str, dict]) -> None:
-    print(
-        f"\n=== corpus: {name} — {ours['documents']:,} documents, {ours['queries']:,} queries, K = {top_k} ==="
-    )
+    print(f"\n=== corpus: {name} — {ours['documents']:,} documents, {ours['queries']:,} queries, K = {top_k} ===")
     print(
         f"ours ({ours['precision']}): {ours['total_seconds']:.1f} s total, peak RSS {ours['peak_rss_mb']:.0f} MB, "
         f"index {ours['index']}, {ours['candidates']:,} candidates"
@@ -196,17 +192,13 @@ def report(name: str, top_k: int, ours: dict, others: dict[str, dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", choices=["sample", "large", "both"], default="both")
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument(
         "--data-dir", default=os.environ.get("EMBEDKOMB_DATA_DIR", str(REPO.parent / "shared" / "data"))
     )
-    parser.add_argument(
-        "--skip-fp32-baseline", action="store_true", help="time mine_hard_negatives at bf16 only"
-    )
+    parser.add_argument("--skip-fp32-baseline", action="store_true", help="time mine_hard_negatives at bf16 only")
     parser.add_argument("--worker", choices=["ours", "mhn"], help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)

@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(abspath .dagster_home)
 # psycopg2 named explicitly: SQLAlchemy 2.1 defaults to psycopg 3, which dagster-postgres' NOTIFY cannot use
 export DAGSTER_POSTGRES_URL ?= postgresql+psycopg2://postgres@127.0.0.1:5432/embedkomb_dagster
 
-.PHONY: install demo test ui lint bench-mining postgres clean models models-tiny
+.PHONY: install demo test ui lint bench-mining postgres clean models models-tiny chromium
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,12 @@ demo: $(STAMP) postgres
 	$(PY) -m embedkomb_pipeline.demo
 
 # pytest exits 5 when it collects no test: make treats that as the failure it is
-test: $(STAMP) postgres models-tiny
+test: $(STAMP) postgres models-tiny chromium
 	$(PY) -m pytest
+
+# Debian's Chromium for the progress page's browser test (apt-get only when /usr/bin/chromium is missing)
+chromium:
+	@bash scripts/ensure-chromium.sh
 
 ui: $(STAMP) postgres
 	$(PY) -c "from embedkomb_pipeline.instance import project_instance; project_instance()"

@@ -1,4 +1,4 @@
-"""The ``kombinat`` command: serve, migrate, create-admin-token, load-honeypots, stats."""
+"""The ``kombinat`` command: serve, migrate, create-admin-token, create-local-contributor, load-honeypots, stats."""
 
 from __future__ import annotations
 
@@ -103,6 +103,70 @@ def create_admin_token(
     finally:
         engine.dispose()
     typer.echo(token)
+
+
+# A local contributor has no GitHub account: login "local:<name>" (GitHub logins cannot contain ':', so no real
+# account can collide with one). Minting its token needs the database itself, exactly like create-admin-token:
+# there is no HTTP endpoint for it, so a deployment's sign-in stays GitHub-only.
+LOCAL_CONTRIBUTOR_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,38}$")
+
+
+def _invalid_name(name: str) -> str:
+    return (
+        f"invalid local contributor name {name!r}: use 1-39 lowercase letters, digits or '-', "
+        "starting with a letter or digit"
+    )
+
+
+def create_local_contributor_token(conn: Any, name: str) -> tuple[int, str]:
+    """The contributor row ``local:<name>`` (made on first use, never an admin) and a new token for it."""
+    from kombinat_api.auth import issue_token
+
+    if not LOCAL_CONTRIBUTOR_NAME.match(name):
+        raise ValueError(_invalid_name(name))
+    login = f"local:{name}"
+    row = conn.exec_driver_sql(
+        "SELECT id, banned FROM contributor WHERE login = %(l)s AND github_id IS NULL AND NOT is_admin", {"l": login}
+    ).first()
+    if row is None:
+        row = conn.exec_driver_sql(
+            "INSERT INTO contributor (login, is_admin) VALUES (%(l)s, false) RETURNING id, banned", {"l": login}
+        ).one()
+    if row[1]:
+        raise ValueError(f"contributor {login} is banned")
+    return int(row[0]), issue_token(conn, row[0], False, login)
+
+
+@app.command("create-local-contributor")
+def create_local_contributor(
+    name: Annotated[str, typer.Argument(help="Short name; the contributor's login becomes 'local:<name>'.")],
+    database_url: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {contributor_id, login, token} as JSON.")] = False,
+) -> None:
+    """LOCAL/DEMO ONLY: print a contributor token for a contributor without a GitHub account.
+
+    For demos, offline labs and machines that cannot reach GitHub. It needs direct database access (like
+    create-admin-token), so it grants nothing a server operator could not already do; volunteers of a public
+    deployment sign in with GitHub. The labels of local contributors pass through the same honeypots,
+    reputation and verification as everyone's. Running it again for the same name adds a token, not a person.
+    """
+    from kombinat_api.db import make_engine
+
+    if not LOCAL_CONTRIBUTOR_NAME.match(name):  # before touching the database
+        raise typer.BadParameter(_invalid_name(name), param_hint="NAME")
+    engine = make_engine(_settings(database_url).database_url, 1, 0)
+    try:
+        with engine.begin() as conn:
+            try:
+                contributor_id, token = create_local_contributor_token(conn, name)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="NAME") from exc
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps({"contributor_id": contributor_id, "login": f"local:{name}", "token": token}))
+    else:
+        typer.echo(token)
 
 
 def _read_jsonl(path: Path) -> dict[str, dict[str, Any]]:

@@ -216,12 +216,13 @@ def label(server: KombinatServer, token: str, size: int, verdict: Any = True) ->
     return [p["query"] for p in pairs]
 
 
-def shoot(page: Any, tmp_path: Path, name: str) -> Path:
+def shoot(page: Any, tmp_path: Path, name: str, record: Any) -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     target = SCREENSHOTS / name
     page.screenshot(path=str(target), full_page=True)
     shutil.copy(target, tmp_path / name)
-    print(f"screenshot: {target}")
+    print(f"screenshot: {target}")  # shown with -s or on failure
+    record(name, str(target))  # in the JUnit XML, when pytest writes one
     return target
 
 
@@ -229,7 +230,7 @@ def split_row(page: Any, split: str) -> Any:
     return page.locator("#splits li.split").filter(has=page.locator(".split-name", has_text=split)).first
 
 
-def test_progress_page_in_chromium_updates_without_reload(browser: Any, tmp_path: Path) -> None:
+def test_progress_page_in_chromium_updates_without_reload(browser: Any, tmp_path: Path, record_property: Any) -> None:
     from playwright.sync_api import expect
 
     expect.set_options(timeout=20_000)  # a poll every 5 s; generous for a loaded 2-core machine
@@ -251,7 +252,7 @@ def test_progress_page_in_chromium_updates_without_reload(browser: Any, tmp_path
         expect(page.locator("#chart")).to_contain_text("no labels in this window")
         expect(page.locator("#chart-caption")).to_contain_text("0 labels in the last hour")
         expect(page.locator("[data-agree=verified_share]")).to_have_text("—")
-        shoot(page, tmp_path, "progress-empty.png")
+        shoot(page, tmp_path, "progress-empty.png", record_property)
         page.evaluate("window.__sameDocument = true")
 
         # 2. Work arrives while the page is open: it shows without a reload.
@@ -308,7 +309,7 @@ def test_progress_page_in_chromium_updates_without_reload(browser: Any, tmp_path
         # The bar's width is the verified share of the split's pairs.
         widths = row.locator(".bar span").evaluate_all("els => els.map(e => e.style.width)")
         assert widths == ["100%", "0%"]
-        shoot(page, tmp_path, "progress.png")
+        shoot(page, tmp_path, "progress.png", record_property)
 
         # 5. Many splits: all listed, and the filter narrows them.
         for i in range(40):
@@ -322,7 +323,7 @@ def test_progress_page_in_chromium_updates_without_reload(browser: Any, tmp_path
         expect(page.locator("#splits li.split")).to_have_count(1)
         expect(page.locator("#split-count")).to_have_text("1 of 43 shown")
         page.locator("#filter").fill("")
-        shoot(page, tmp_path, "progress-many-splits.png")
+        shoot(page, tmp_path, "progress-many-splits.png", record_property)
         context.close()
 
     assert errors == []

@@ -150,11 +150,10 @@ def write_card(root: Path) -> Path:
 
 def push_to_hub(root: Path, repo_id: str, token: str, endpoint: str | None = None, private: bool = False) -> str:
     """Create the dataset repository if needed and upload the folder in one commit; returns the commit URL."""
-    from huggingface_hub import HfApi
+    from embedkomb_pipeline.hub import folder_files, upload_files
 
-    api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private)
-    commit = api.upload_folder(
-        folder_path=str(root), repo_id=repo_id, repo_type="dataset", commit_message="Embed Kombinat verified export"
-    )
-    return str(commit.commit_url)
+    upload = upload_files(
+        folder_files(root), repo_id, token, repo_type="dataset", message="Embed Kombinat verified export",
+        endpoint=endpoint, private=private,
+    )  # fmt: skip
+    return upload.commit_url

@@ -23,3 +23,11 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "scifact" / "corpus.jsonl").exists():
         pytest.fail(f"the real BEIR data is missing at {SHARED_DATA}; set EMBEDKOMB_DATA_DIR")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def hub_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite runs with HF_HUB_OFFLINE=1; tests that use it talk to a fake Hub on loopback instead."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)

@@ -7,6 +7,7 @@ import os
 import dagster as dg
 
 from embedkomb_pipeline.defs.resources import (
+    CheckpointPublisherResource,
     DatasetPublisherResource,
     DenseModelResource,
     HubSourceData,
@@ -29,6 +30,9 @@ def resources() -> dg.Definitions:
             ),
             "publisher": DatasetPublisherResource(
                 repo_id=os.environ.get("EMBEDKOMB_HUB_DATASET_REPO"), token=os.environ.get("HF_TOKEN")
+            ),
+            "checkpoint_publisher": CheckpointPublisherResource(
+                repo_id=os.environ.get("EMBEDKOMB_HUB_MODEL_REPO"), token=os.environ.get("HF_TOKEN")
             ),
             "quality": QualityThresholds(),
         }

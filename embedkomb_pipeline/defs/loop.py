@@ -1,7 +1,7 @@
 """The labeling loop: work_queue → (volunteers label in kombinat) → labeled_pairs → verified_pairs; honeypots.
 
-Sensors advance it: refill_sensor pushes the next chunk of a shard when kombinat's queue runs low, and
-retrain_sensor opens the next cycle once enough new labels are verified.
+The refill sensor advances it: it pushes the next chunk of a shard when kombinat's queue runs low. Retraining
+once enough labels are verified is defs/training.py's retrain_sensor.
 """
 
 import json
@@ -13,10 +13,6 @@ import polars as pl
 
 from embedkomb_pipeline.defs.mining import mining_shard, source_pairs
 from embedkomb_pipeline.defs.partitions import (
-    CYCLE_PARTITIONS_NAME,
-    cycle_key,
-    cycle_number,
-    cycle_partitions,
     from_split,
     split_and_cycle,
     split_cycle_partitions,
@@ -255,7 +251,7 @@ export_job = dg.define_asset_job(
 )
 
 
-def _materialized_shards(lake: LakeResource) -> list[tuple[str, str]]:
+def materialized_shards(lake: LakeResource) -> list[tuple[str, str]]:
     return sorted((p.parent.parent.name, p.parent.name) for p in lake.root.glob("mining/*/*/candidates.parquet"))
 
 
@@ -267,7 +263,7 @@ def refill_sensor(
     requests = []
     queued: dict[str, int] = {}
     with kombinat.client() as client:
-        for split, cycle in _materialized_shards(lake):
+        for split, cycle in materialized_shards(lake):
             state = lake.queue_state_path(split, cycle)
             if not state.exists():
                 continue  # never fed: the first push is a maintainer's decision, not the sensor's
@@ -284,37 +280,3 @@ def refill_sensor(
                     )
                 )
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(queued))
-
-
-@dg.sensor(
-    job=export_job,
-    minimum_interval_seconds=300,
-    description="Open the next cycle and request training data once enough new labels are verified.",
-)
-def retrain_sensor(context: dg.SensorEvaluationContext, kombinat: KombinatResource) -> dg.SensorResult:
-    threshold = int(os.environ.get("EMBEDKOMB_RETRAIN_THRESHOLD", "10000"))
-    state = json.loads(context.cursor) if context.cursor else {"verified_at_last_cycle": 0}
-    with kombinat.client() as client:
-        verified = int(client.queue_counts()["verified"])
-    new = verified - state["verified_at_last_cycle"]
-    if new < threshold:
-        return dg.SensorResult(skip_reason=f"{new} newly verified pairs, threshold {threshold}", cursor=context.cursor)
-    cycles = sorted(context.instance.get_dynamic_partitions(CYCLE_PARTITIONS_NAME), key=cycle_number)
-    current = cycles[-1] if cycles else cycle_key(0)
-    following = cycle_key(cycle_number(current) + 1)
-    # export every split of the finished cycle: the checkpoint of `following` trains on it
-    from embedkomb_pipeline.defs.partitions import split_partitions
-
-    requests = [
-        dg.RunRequest(
-            run_key=f"retrain-{following}-{split}",
-            partition_key=dg.MultiPartitionKey({"split": split, "cycle": current}),
-            tags={"embedkomb/trigger": "retrain", "embedkomb/next_cycle": following},
-        )
-        for split in split_partitions.get_partition_keys()
-    ]
-    return dg.SensorResult(
-        run_requests=requests,
-        dynamic_partitions_requests=[cycle_partitions.build_add_request([following])],
-        cursor=json.dumps({"verified_at_last_cycle": verified, "opened": following}),
-    )

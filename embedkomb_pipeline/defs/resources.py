@@ -9,6 +9,7 @@ import dagster as dg
 
 from embedkomb_pipeline.embedding import DenseEncoder, default_base_model_path
 from embedkomb_pipeline.export import push_to_hub
+from embedkomb_pipeline.hub import HubUpload, upload_files
 from embedkomb_pipeline.kombinat_client import KombinatAdminClient
 from embedkomb_pipeline.settings import BEIR_HUB_IDS, default_data_dir, default_storage_dir
 from embedkomb_pipeline.sources import (
@@ -143,8 +144,8 @@ class KombinatResource(dg.ConfigurableResource):
         return KombinatAdminClient(self.url, self.admin_token)
 
 
-class DatasetPublisherResource(dg.ConfigurableResource):
-    """Where verified exports go besides the lake: a Hub dataset repo when repo_id and token are set."""
+class _HubPublisher(dg.ConfigurableResource):
+    """A Hub repository to publish to; publishing is off unless both repo_id and token are set."""
 
     repo_id: str | None = None
     token: str | None = None
@@ -155,10 +156,34 @@ class DatasetPublisherResource(dg.ConfigurableResource):
     def configured(self) -> bool:
         return bool(self.repo_id and self.token)
 
+
+class DatasetPublisherResource(_HubPublisher):
+    """Where verified exports go besides the lake: a Hub dataset repo when repo_id and token are set."""
+
     def publish(self, root: Path) -> str | None:
         if not self.configured:
             return None
         return push_to_hub(root, self.repo_id or "", self.token or "", endpoint=self.endpoint, private=self.private)
+
+
+class CheckpointPublisherResource(_HubPublisher):
+    """Where checkpoints go besides the lake: a Hub model repo, one commit and one tag (the cycle) per checkpoint."""
+
+    def publish(self, out_dir: Path, cycle: str) -> HubUpload | None:
+        if not self.configured:
+            return None
+        from embedkomb_pipeline.training.checkpoint import checkpoint_files  # torch stays out of definition loading
+
+        return upload_files(
+            checkpoint_files(out_dir),
+            self.repo_id or "",
+            self.token or "",
+            repo_type="model",
+            message=f"Embed Kombinat checkpoint, cycle {cycle}",
+            endpoint=self.endpoint,
+            private=self.private,
+            tag=cycle,
+        )
 
 
 class QualityThresholds(dg.ConfigurableResource):
@@ -169,3 +194,5 @@ class QualityThresholds(dg.ConfigurableResource):
     relevant_rate_min: float = 0.0
     relevant_rate_max: float = 0.6
     min_pairs_for_kappa: int = 10
+    # the mteb_scores check fails when a checkpoint's nDCG@10 on a task drops more than this below the last cycle's
+    mteb_regression_tolerance: float = 0.01

@@ -1,18 +1,26 @@
-"""The checkpoint asset: one embedding model per cycle, trained on all verified pairs so far.
+"""The checkpoint asset (one embedding model per cycle, trained on all verified pairs so far) and the sensor that
+retrains once enough new pairs are verified.
 
 Wiring only: embedkomb_pipeline.training.checkpoint does the work. No `from __future__ import annotations`
 here: Dagster reads the context annotation at definition time.
 """
 
 import json
+import os
+import time
 import warnings
 from pathlib import Path
 
 import dagster as dg
 
-from embedkomb_pipeline.defs.loop import verified_pairs
-from embedkomb_pipeline.defs.partitions import cycle_partitions
-from embedkomb_pipeline.defs.resources import DenseModelResource, LakeResource
+from embedkomb_pipeline.defs.loop import export_job, materialized_shards, verified_pairs
+from embedkomb_pipeline.defs.partitions import CYCLE_PARTITIONS_NAME, cycle_key, cycle_number, cycle_partitions
+from embedkomb_pipeline.defs.resources import (
+    CheckpointPublisherResource,
+    DenseModelResource,
+    KombinatResource,
+    LakeResource,
+)
 from embedkomb_pipeline.embedding import default_base_model_path
 from embedkomb_pipeline.training.checkpoint import train_checkpoint, verified_splits
 from embedkomb_pipeline.training.coordinate_ascent import TrainConfig
@@ -57,7 +65,11 @@ class CheckpointConfig(dg.Config):
     ),
 )
 def checkpoint(
-    context: dg.AssetExecutionContext, config: CheckpointConfig, lake: LakeResource, dense_model: DenseModelResource
+    context: dg.AssetExecutionContext,
+    config: CheckpointConfig,
+    lake: LakeResource,
+    dense_model: DenseModelResource,
+    checkpoint_publisher: CheckpointPublisherResource,
 ) -> dg.MaterializeResult:
     cycle = context.partition_key
     base_model = Path(dense_model.base_model_path) if dense_model.base_model_path else default_base_model_path()
@@ -98,6 +110,9 @@ def checkpoint(
         track_objective=config.track_objective,
         log=context.log.info,
     )
+    published = checkpoint_publisher.publish(report.out_dir, cycle)
+    if published is not None:
+        context.log.info(f"pushed to the Hub: {published.commit_url} (tag {published.tag})")
     metrics = report.result.metrics()
     objective = {k: metrics[k] for k in ("objective_before", "objective_after") if metrics[k] is not None}
     return dg.MaterializeResult(
@@ -115,5 +130,95 @@ def checkpoint(
             "loss_curve": dg.MetadataValue.md(report.loss_curve_markdown()),
             "loss_curve_path": dg.MetadataValue.path(str(report.paths["loss_curve"])),
             "seconds": round(report.seconds, 1),
+            "hub_commit": dg.MetadataValue.url(published.commit_url) if published else "not published",
         }
+    )
+
+
+checkpoint_job = dg.define_asset_job(
+    "checkpoint_job",
+    selection=dg.AssetSelection.assets(checkpoint),
+    partitions_def=cycle_partitions,
+    description="Train one cycle's checkpoint on every verified export up to that cycle.",
+)
+
+
+def _exported_since(instance: dg.DagsterInstance, split: str, cycle: str, since: float) -> bool:
+    partition = str(dg.MultiPartitionKey({"split": split, "cycle": cycle}))
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=verified_pairs.key, asset_partitions=[partition], after_timestamp=since),
+        limit=1,
+    ).records
+    return bool(records)
+
+
+@dg.sensor(
+    jobs=[export_job, checkpoint_job],
+    minimum_interval_seconds=300,
+    description=(
+        "Once enough new pairs are verified: export every split mined in the current cycle, then train that cycle's "
+        "checkpoint on the fresh exports and open the next cycle, which mines with it."
+    ),
+)
+def retrain_sensor(
+    context: dg.SensorEvaluationContext, lake: LakeResource, kombinat: KombinatResource
+) -> dg.SensorResult:
+    """Two steps, kept in the cursor so a restart of the daemon neither loses nor repeats one:
+
+    1. verified pairs grew by ≥ EMBEDKOMB_RETRAIN_THRESHOLD since the last retrain → request the export
+       (labeled_pairs + verified_pairs) of every split mined in the current cycle;
+    2. once each of those exports has materialized → request `checkpoint` for the cycle and add the next cycle.
+    """
+    state = json.loads(context.cursor) if context.cursor else {"verified_at_last_cycle": 0}
+    exporting = state.get("exporting")
+    if exporting:
+        waiting = [s for s in exporting["splits"] if not _exported_since(context.instance, s, exporting["cycle"],
+                                                                          exporting["requested_at"])]  # fmt: skip
+        if waiting:
+            return dg.SensorResult(
+                skip_reason=f"waiting for the export of {exporting['cycle']}: {', '.join(waiting)}",
+                cursor=context.cursor,
+            )
+        cycle = exporting["cycle"]
+        following = cycle_key(cycle_number(cycle) + 1)
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(
+                    run_key=f"retrain-checkpoint-{cycle}",
+                    job_name=checkpoint_job.name,
+                    partition_key=cycle,
+                    tags={"embedkomb/trigger": "retrain", "embedkomb/next_cycle": following},
+                )
+            ],
+            dynamic_partitions_requests=[cycle_partitions.build_add_request([following])],
+            cursor=json.dumps({"verified_at_last_cycle": exporting["verified"], "trained": cycle, "opened": following}),
+        )
+
+    threshold = int(os.environ.get("EMBEDKOMB_RETRAIN_THRESHOLD", "10000"))
+    with kombinat.client() as client:
+        verified = int(client.queue_counts()["verified"])
+    new = verified - state["verified_at_last_cycle"]
+    if new < threshold:
+        return dg.SensorResult(skip_reason=f"{new} newly verified pairs, threshold {threshold}", cursor=context.cursor)
+    cycles = sorted(context.instance.get_dynamic_partitions(CYCLE_PARTITIONS_NAME), key=cycle_number)
+    current = cycles[-1] if cycles else cycle_key(0)
+    splits = sorted({split for split, cycle in materialized_shards(lake) if cycle == current})
+    if not splits:
+        return dg.SensorResult(skip_reason=f"no split was mined in cycle {current}", cursor=context.cursor)
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=f"retrain-export-{current}-{split}",
+                job_name=export_job.name,
+                partition_key=dg.MultiPartitionKey({"split": split, "cycle": current}),
+                tags={"embedkomb/trigger": "retrain"},
+            )
+            for split in splits
+        ],
+        cursor=json.dumps(
+            {
+                **state,
+                "exporting": {"cycle": current, "splits": splits, "requested_at": time.time(), "verified": verified},
+            }
+        ),
     )

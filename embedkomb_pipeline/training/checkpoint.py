@@ -31,6 +31,25 @@ class CheckpointReport:
         return f"![loss curve](data:image/png;base64,{encoded})"
 
 
+# what travels with the model when a checkpoint is published: the record of how it was trained
+TRAINING_RECORD_FILES = ("training_config.json", "metrics.json", "loss_steps.json", "loss_curve.png")
+
+
+def checkpoint_files(out_dir: Path) -> dict[str, Path]:
+    """A saved checkpoint as Hub repository files: the sentence-transformers model at the root (so
+    ``SentenceTransformer(repo, revision=cycle)`` loads it) and the training record under ``embedkomb/``."""
+    from embedkomb_pipeline.hub import folder_files
+
+    model_dir = out_dir / "model"
+    if not (model_dir / "modules.json").is_file():
+        raise FileNotFoundError(f"{out_dir} holds no saved sentence-transformers model (no model/modules.json)")
+    files = folder_files(model_dir)
+    for name in TRAINING_RECORD_FILES:
+        if (out_dir / name).is_file():
+            files[f"embedkomb/{name}"] = out_dir / name
+    return files
+
+
 def verified_splits(export_root: Path, up_to_cycle: str) -> list[str]:
     """Splits with at least one verified export file at or before the cycle."""
     data = export_root / "data"

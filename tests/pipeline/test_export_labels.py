@@ -55,14 +55,6 @@ def test_reexport_replaces_rather_than_appends(tmp_path: Path) -> None:
     assert pl.read_parquet(tmp_path / "data" / "s" / "*.parquet").height == 5
 
 
-@pytest.fixture()
-def hub_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The suite runs with HF_HUB_OFFLINE=1; these tests talk to a fake Hub on loopback instead."""
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-
-
 @pytest.mark.usefixtures("hub_reachable")
 def test_push_uploads_the_folder_to_the_hub_api(tmp_path: Path) -> None:
     write_verified(_rows("scifact_title_abstract", "c000", 4), tmp_path, "scifact_title_abstract", "c000")

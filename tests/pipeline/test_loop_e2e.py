@@ -33,7 +33,6 @@ from embedkomb_pipeline.defs.loop import (
     honeypots,
     labeled_pairs,
     refill_sensor,
-    retrain_sensor,
     verified_pairs,
     work_queue,
 )
@@ -47,6 +46,7 @@ from embedkomb_pipeline.defs.resources import (
     LocalSourceData,
     QualityThresholds,
 )
+from embedkomb_pipeline.defs.training import retrain_sensor
 from tests.annotator.conftest import TINY_ENTRY, TINY_MODEL
 from tests.conftest import MIRROR_SPLIT
 from tests.pipeline.conftest import scifact_rows, write_hub_mirror
@@ -228,6 +228,18 @@ def test_the_loop_end_to_end(
         run_annotator(server.url, alice)
         run_annotator(server.url, bob)
 
+        # enough pairs are verified: the retrain sensor first asks for the export of every split mined in c000
+        monkeypatch.setenv("EMBEDKOMB_RETRAIN_THRESHOLD", "5")
+        with dg.build_sensor_context(instance=postgres_instance, resources=sensor_resources) as context:
+            to_export = retrain_sensor(context)
+        assert [(r.job_name, r.partition_key) for r in to_export.run_requests] == [("export_job", KEY)]
+        assert not to_export.dynamic_partitions_requests  # the next cycle opens only once its checkpoint is asked for
+        with dg.build_sensor_context(
+            instance=postgres_instance, resources=sensor_resources, cursor=to_export.cursor
+        ) as context:
+            waiting = retrain_sensor(context)
+        assert waiting.run_requests == [] and MIRROR_SPLIT in (waiting.skip_reason or "")
+
         # snapshot and export
         labeled = materialize([labeled_pairs], partition_key=KEY)
         labeled_meta = _meta(labeled, "labeled_pairs")
@@ -265,16 +277,17 @@ def test_the_loop_end_to_end(
         materialize([verified_pairs], partition_key=KEY)
         assert pl.read_parquet(export_root / "data" / MIRROR_SPLIT / "*.parquet").height == len(dataset)
 
-        # the retrain sensor opens the next cycle once enough pairs are verified
-        monkeypatch.setenv("EMBEDKOMB_RETRAIN_THRESHOLD", "5")
-        with dg.build_sensor_context(instance=postgres_instance, resources={"kombinat": kombinat}) as context:
+        # the export landed: the retrain sensor asks for c000's checkpoint and opens c001, which mines with it
+        with dg.build_sensor_context(
+            instance=postgres_instance, resources=sensor_resources, cursor=to_export.cursor
+        ) as context:
             result = retrain_sensor(context)
         added = result.dynamic_partitions_requests[0]
         assert added.partitions_def_name == CYCLE_PARTITIONS_NAME and list(added.partition_keys) == ["c001"]
-        assert {r.partition_key.keys_by_dimension["cycle"] for r in result.run_requests} == {"c000"}
+        assert [(r.job_name, r.partition_key) for r in result.run_requests] == [("checkpoint_job", "c000")]
         assert json.loads(result.cursor)["opened"] == "c001"
         with dg.build_sensor_context(
-            instance=postgres_instance, resources={"kombinat": kombinat}, cursor=result.cursor
+            instance=postgres_instance, resources=sensor_resources, cursor=result.cursor
         ) as context:
             assert retrain_sensor(context).run_requests == []
 

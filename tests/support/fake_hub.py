@@ -1,9 +1,11 @@
-"""A small real HTTP server that plays the Hugging Face Hub for dataset uploads (huggingface_hub's HfApi).
+"""A small real HTTP server that plays the Hugging Face Hub for uploads (huggingface_hub's HfApi).
 
-Endpoints: ``POST /api/repos/create``, ``POST /api/validate-yaml``,
-``POST /api/datasets/<owner>/<name>/preupload/<rev>`` (answers "regular" for every file, so contents come
-inline) and ``POST /api/datasets/<owner>/<name>/commit/<rev>`` (NDJSON; stores the files). ``fake.files``
-holds what was committed, by repo and path; ``fake.requests`` the paths that were called.
+Endpoints, for dataset and model repositories alike (``<kind>`` is ``datasets`` or ``models``):
+``POST /api/repos/create``, ``POST /api/validate-yaml``, ``POST /api/<kind>/<owner>/<name>/preupload/<rev>``
+(answers "regular" for every file, so contents come inline), ``POST /api/<kind>/<owner>/<name>/commit/<rev>``
+(NDJSON; stores the files), ``POST /api/<kind>/<owner>/<name>/tag/<rev>`` and
+``DELETE /api/<kind>/<owner>/<name>/tag/<tag>``. ``fake.files`` holds what was committed, by repo and path;
+``fake.tags`` the tags, by repo, as tag → commit oid; ``fake.requests`` the paths that were called.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+REPO_KINDS = ("datasets", "models")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -29,27 +33,54 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _authorized(self) -> bool:
+        fake = self.server.fake
+        fake.requests.append(f"{self.command} {self.path}")
+        if self.headers.get("Authorization") != f"Bearer {fake.token}":
+            self._json(401, {"error": "Invalid credentials in Authorization header"})
+            return False
+        return True
+
+    def do_DELETE(self) -> None:
+        if not self._authorized():
+            return
+        parts = self.path.split("?")[0].strip("/").split("/")
+        tags = self.server.fake.tags.get(f"{parts[2]}/{parts[3]}", {}) if len(parts) >= 6 else {}
+        if len(parts) >= 6 and parts[1] in REPO_KINDS and parts[4] == "tag" and parts[5] in tags:
+            del tags[parts[5]]
+            self._json(200, {})
+        else:
+            self._json(404, {"error": f"fake hub has no {self.path}"})
+
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
         fake = self.server.fake
-        fake.requests.append(self.path)
-        if self.headers.get("Authorization") != f"Bearer {fake.token}":
-            self._json(401, {"error": "Invalid credentials in Authorization header"})
+        if not self._authorized():
             return
         parts = self.path.split("?")[0].strip("/").split("/")
         if self.path.startswith("/api/repos/create"):
             payload = json.loads(body)
             repo_id = f"{payload.get('organization') or fake.user}/{payload['name']}"
             fake.files.setdefault(repo_id, {})
-            self._json(200, {"url": f"{fake.url}/datasets/{repo_id}", "name": repo_id})
+            prefix = "" if payload.get("type", "model") == "model" else f"{payload['type']}s/"
+            self._json(200, {"url": f"{fake.url}/{prefix}{repo_id}", "name": repo_id})
         elif self.path.startswith("/api/validate-yaml"):
             self._json(200, {"errors": [], "warnings": []})
-        elif len(parts) >= 6 and parts[1] == "datasets" and parts[4] == "preupload":
+        elif len(parts) >= 6 and parts[1] in REPO_KINDS and parts[4] == "preupload":
             files = json.loads(body)["files"]
             self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
                                        for f in files]})  # fmt: skip
-        elif len(parts) >= 6 and parts[1] == "datasets" and parts[4] == "commit":
+        elif len(parts) >= 6 and parts[1] in REPO_KINDS and parts[4] == "tag":
+            repo_id = f"{parts[2]}/{parts[3]}"
+            tags = fake.tags.setdefault(repo_id, {})
+            tag = json.loads(body)["tag"]
+            if tag in tags:
+                self._json(409, {"error": f"tag {tag} already exists"})
+            else:
+                tags[tag] = parts[5]
+                self._json(200, {})
+        elif len(parts) >= 6 and parts[1] in REPO_KINDS and parts[4] == "commit":
             repo_id = f"{parts[2]}/{parts[3]}"
             stored = fake.files.setdefault(repo_id, {})
             for line in body.splitlines():
@@ -59,7 +90,8 @@ class _Handler(BaseHTTPRequestHandler):
                     stored[value["path"]] = base64.b64decode(value["content"])
             fake.commits += 1
             oid = f"{fake.commits:040x}"
-            self._json(200, {"commitUrl": f"{fake.url}/datasets/{repo_id}/commit/{oid}", "commitOid": oid})
+            prefix = "" if parts[1] == "models" else "datasets/"
+            self._json(200, {"commitUrl": f"{fake.url}/{prefix}{repo_id}/commit/{oid}", "commitOid": oid})
         else:
             self._json(404, {"error": f"fake hub has no {self.path}"})
 
@@ -73,6 +105,7 @@ class FakeHub:
         self.token = token
         self.user = user
         self.files: dict[str, dict[str, bytes]] = {}
+        self.tags: dict[str, dict[str, str]] = {}
         self.requests: list[str] = []
         self.commits = 0
         self._server = _Server(("127.0.0.1", 0), _Handler)

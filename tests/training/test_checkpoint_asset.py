@@ -1,4 +1,5 @@
-"""The checkpoint asset materializes for real in Dagster on a tiny verified export, and mining picks it up next."""
+"""The checkpoint asset materializes for real in Dagster on a tiny verified export, is pushed to a (fake) Hub
+model repository with its cycle as a tag, and mining picks it up next."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from embedkomb_pipeline.defs.partitions import CYCLE_PARTITIONS_NAME
-from embedkomb_pipeline.defs.resources import DenseModelResource, LakeResource
+from embedkomb_pipeline.defs.resources import CheckpointPublisherResource, DenseModelResource, LakeResource
 from embedkomb_pipeline.defs.training import checkpoint
+from tests.support.fake_hub import FakeHub
 from tests.training.conftest import SPLIT, build_lake
 
 
@@ -26,6 +28,7 @@ def test_definitions_include_the_checkpoint_asset_per_cycle() -> None:
     assert dg.AssetKey("verified_pairs") in assets_def.dependency_keys
 
 
+@pytest.mark.usefixtures("hub_reachable")
 def test_checkpoint_materializes_and_the_next_cycle_mines_with_it(
     shared_data: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -48,17 +51,31 @@ def test_checkpoint_materializes_and_the_next_cycle_mines_with_it(
             }
         }
     }
-    result = dg.materialize(
-        [checkpoint],
-        partition_key="c000",
-        resources={"lake": lake, "dense_model": DenseModelResource()},
-        run_config=run_config,
-        instance=instance,
-    )
+    with FakeHub() as hub:
+        publisher = CheckpointPublisherResource(repo_id="embedkomb/minilm-kombinat", token=hub.token, endpoint=hub.url)
+        result = dg.materialize(
+            [checkpoint],
+            partition_key="c000",
+            resources={"lake": lake, "dense_model": DenseModelResource(), "checkpoint_publisher": publisher},
+            run_config=run_config,
+            instance=instance,
+        )
+        # publishing the cycle again (a re-trained checkpoint) moves its tag to the new commit
+        first_oid = f"{hub.commits:040x}"
+        republished = publisher.publish(lake.checkpoint_dir("c000"), "c000")
     assert result.success
+    assert republished is not None and republished.tag == "c000" and republished.commit_oid != first_oid
+    assert hub.tags["embedkomb/minilm-kombinat"] == {"c000": republished.commit_oid}
+    # one commit to the model repo: the model at its root, the training record beside it, tagged with the cycle
+    pushed = hub.files["embedkomb/minilm-kombinat"]
+    assert {"modules.json", "config.json", "model.safetensors", "embedkomb/metrics.json"} <= set(pushed)
+    assert "embedkomb/loss_curve.png" in pushed and "embedkomb/training_config.json" in pushed
+    saved = lake.checkpoint_dir("c000") / "model" / "model.safetensors"
+    assert pushed["model.safetensors"] == saved.read_bytes()
     metadata = result.asset_materializations_for_node("checkpoint")[0].metadata
     model_dir = lake.checkpoint_dir("c000") / "model"
     assert metadata["model_path"].value == str(model_dir)
+    assert metadata["hub_commit"].value.startswith(f"{hub.url}/embedkomb/minilm-kombinat/commit/")
     assert metadata["splits"].value == [SPLIT]
     assert metadata["steps"].value == 2 and metadata["device"].value == "cpu"
     assert metadata["objective_after"].value < metadata["objective_before"].value

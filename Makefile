@@ -6,6 +6,8 @@ PIP    := $(PY) -m pip
 EXTRAS ?= server,pipeline,dev,cpu
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# the annotator's CPU backend, built here for this CPU (see scripts/install-llama-cpp.sh); pinned in constraints.txt
+LLAMA_CPP_SPEC := $(shell sed -n 's/^llama-cpp-python//p' constraints.txt)
 
 export EMBEDKOMB_DATA_DIR ?= $(abspath ../shared/data)
 export DAGSTER_HOME ?= $(abspath .dagster_home)
@@ -19,8 +21,9 @@ $(VENV)/bin/python:
 	$(PIP) install --quiet --upgrade pip
 
 # torch goes in first, pinned to the local CPU build; the constraints file keeps every later resolve on it.
-$(STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
+$(STAMP): pyproject.toml constraints.txt scripts/install-llama-cpp.sh | $(VENV)/bin/python
 	$(PIP) install --quiet "torch==2.13.0"
+	$(if $(findstring cpu,$(EXTRAS)),bash scripts/install-llama-cpp.sh $(PY) "$(LLAMA_CPP_SPEC)")
 	$(PIP) install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 

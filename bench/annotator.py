@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 from annotator.backends.base import Pair, order_pairs  # noqa: E402
 from annotator.backends.llama_cpp import LlamaCppBackend, default_threads  # noqa: E402
 from annotator.prompt import messages  # noqa: E402
+from embedkomb_pipeline.agreement import auc, best_threshold, cohens_kappa  # noqa: E402
 
 MODELS = {
     # name: (file in models/, what it is)
@@ -119,31 +120,9 @@ def build_pairs(folder: Path, min_grade: int, n_queries: int, seed: int) -> list
 # --- metrics --------------------------------------------------------------------------------------------
 
 
-def auc(pos: Sequence[float], neg: Sequence[float]) -> float:
-    """Mann-Whitney AUC (ties count half)."""
-    if not pos or not neg:
-        return float("nan")
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
-
-
 def kappa(pred: Sequence[bool], gold: Sequence[bool]) -> float:
-    n = len(gold)
-    if n == 0:
-        return float("nan")
-    agree = sum(p == g for p, g in zip(pred, gold, strict=True)) / n
-    p_pred, p_gold = sum(pred) / n, sum(gold) / n
-    chance = p_pred * p_gold + (1 - p_pred) * (1 - p_gold)
-    return 1.0 if chance == 1 else (agree - chance) / (1 - chance)
-
-
-def best_threshold_kappa(scores: Sequence[float], gold: Sequence[bool]) -> tuple[float, float]:
-    best = (-1.0, 0.5)
-    for t in sorted(set(scores)):
-        k = kappa([s >= t for s in scores], gold)
-        if k > best[0]:
-            best = (k, t)
-    return best
+    """Cohen's κ (embedkomb_pipeline.agreement, as model qualification computes it); NaN when nothing was parsed."""
+    return cohens_kappa(list(pred), list(gold)) if gold else float("nan")
 
 
 # --- the two methods ------------------------------------------------------------------------------------
@@ -227,7 +206,7 @@ def bench_model(name: str, path: Path, data_dir: Path, args: argparse.Namespace)
         p_rel = {pid: s.p_relevant for pid, s in ours["scores"].items()}
         pos = [p_rel[i] for i in p_rel if kind[i] == "relevant"]
         ids = list(p_rel)
-        best_k, best_t = best_threshold_kappa([p_rel[i] for i in ids], [gold[i] for i in ids])
+        best_k, best_t = best_threshold([p_rel[i] for i in ids], [gold[i] for i in ids])
         naive_ids = [i for i, a in naive["answers"].items() if a is not None]
         row = {
             "model": name,

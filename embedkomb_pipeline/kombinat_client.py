@@ -89,6 +89,14 @@ class KombinatAdminClient:
     def model_quality(self) -> dict[str, Any]:
         return self._request("GET", "/api/v1/admin/model-quality")
 
+    def models(self) -> list[dict[str, Any]]:
+        """The model registry as volunteers' annotators read it (GET /api/v1/models)."""
+        return self._request("GET", "/api/v1/models")["models"]
+
+    def upsert_models(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Create or replace registry entries by name (admitted flag and qualification JSON included)."""
+        return self._request("PUT", "/api/v1/admin/models", json={"models": entries})["models"]
+
 
 def _detail(response: httpx.Response) -> str:
     try:

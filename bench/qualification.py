@@ -1,0 +1,66 @@
+"""Qualification report for the offline labeling models: AUC, accuracy and Cohen's κ against human judgments.
+
+    flock /tmp/embedkomb-bench.lock .venv/bin/python bench/qualification.py [--models smollm2-135m ...]
+
+Runs embedkomb_pipeline.qualification exactly as the `model_qualification` asset does (same gold set: SciFact
+and MS MARCO DL19 *test* qrels, relevant vs random unjudged documents; threshold calibrated on half the queries,
+figures on the other half), without publishing to kombinat. Writes report.json / report.md to --out and prints
+the table. Scores are cached per model under --out/scores, so a re-run with another --kappa-min is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# bench/queue.py would shadow the standard library's queue: drop bench/ from the path
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(REPO))
+
+from embedkomb_pipeline.qualification import (  # noqa: E402
+    DEFAULT_MODELS_DIR,
+    offline_candidates,
+    parse_sources,
+    qualification_gold,
+    qualify,
+    report_markdown,
+    write_report,
+)
+from embedkomb_pipeline.settings import default_data_dir  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=None, help="fetch_models names (default: all present)")
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    parser.add_argument("--data", default=default_data_dir())
+    parser.add_argument("--sources", nargs="*", default=None, help="dataset:test[:min_grade] (default: SciFact + DL19)")
+    parser.add_argument("--pairs-per-source", type=int, default=40)
+    parser.add_argument("--kappa-min", type=float, default=0.8)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / ".bench" / "qualification")
+    args = parser.parse_args()
+    candidates = offline_candidates(args.models_dir, args.models)
+    if not candidates:
+        print(f"error: no offline model in {args.models_dir}: run `make models`", file=sys.stderr)
+        return 1
+    sources = parse_sources(args.sources)
+    names = [f"{s.dataset}/qrels/{s.qrels_split} (grade ≥ {s.min_relevant_grade})" for s in sources]
+    gold = qualification_gold(args.data, sources, per_source=args.pairs_per_source, seed=args.seed)
+    reports = qualify(
+        candidates, gold, args.out / "scores", kappa_min=args.kappa_min, seed=args.seed, threads=args.threads
+    )
+    paths = write_report(reports, args.out, names, args.kappa_min, {"gold_pairs": len(gold), "published": False})
+    print(report_markdown(reports, names, args.kappa_min))
+    for r in reports:
+        per_source = ", ".join(f"{s}: AUC {v['auc']:.3f} κ {v['kappa']:.3f}" for s, v in r.per_source.items())
+        print(f"{r.name}: {per_source}")
+    print(f"report: {paths['json']}, {paths['markdown']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

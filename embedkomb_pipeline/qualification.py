@@ -1,0 +1,437 @@
+"""Annotator-model qualification: which labeling models agree with human judgments well enough to label.
+
+Each candidate model (the offline GGUFs that scripts/fetch_models.py assembles, and any GGUF path given) scores
+a gold set with the annotator's own llama.cpp backend and prompt, exactly as a volunteer's machine would:
+one forward pass, P(yes) vs P(no). The gold set is human-judged relevant pairs and clearly non-relevant ones
+(the same query with a random unjudged document) from the *test* qrels, which the honeypots never use
+(embedkomb_pipeline.gold keeps them apart; `assert_disjoint` checks it again against the honeypot file).
+
+The gold set is split by query into a calibration part and an evaluation part. The decision threshold that
+maximises κ on the calibration part is applied to the evaluation part (a fixed 0.5 is poor for small models:
+DESIGN.md, "Label quality, measured"); AUC, accuracy and κ are reported on the evaluation part at both 0.5 and
+the calibrated threshold. A model is admitted when its κ at the calibrated threshold reaches `kappa_min`
+(0.8 by the mission). Its registry entry carries the threshold, which the annotator then uses
+(annotator.models.RegistryEntry.threshold).
+
+Scores are kept per (model sha256, prompt version) in a small JSON cache, so re-deciding with another bar
+costs no model time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from embedkomb_pipeline.agreement import accuracy, auc, best_threshold, kappa_at
+from embedkomb_pipeline.gold import QUALIFICATION_SOURCES, GoldSource, build_gold_pairs
+from embedkomb_pipeline.settings import REPO_ROOT
+
+DEFAULT_MODELS_DIR = REPO_ROOT / "models"
+BACKEND = "llama_cpp"
+
+
+class QualificationError(ValueError):
+    """A candidate or the gold set is unusable; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A labeling model to qualify, with what its registry entry will say about it."""
+
+    name: str  # registry entry name, e.g. "qwen2.5-coder-1.5b-q4_k_m"
+    path: Path
+    model_id: str
+    quantization: str
+    sha256: str
+    size_bytes: int
+    hub_repo: str = ""
+    hub_file: str = ""
+    description: str = ""
+
+    @property
+    def min_memory_gb(self) -> float:
+        # weights plus KV cache and runtime: ~1.3× the file, rounded up to half a GB
+        return math.ceil(self.size_bytes * 1.3 / 1e9 * 2) / 2
+
+
+@dataclass
+class ModelReport:
+    """One model's qualification: every figure, and whether it was admitted."""
+
+    name: str
+    model_id: str
+    quantization: str
+    path: str
+    sha256: str
+    description: str
+    kappa_min: float
+    admitted: bool = False
+    error: str | None = None
+    pairs_calibration: int = 0
+    pairs_evaluation: int = 0
+    auc: float | None = None
+    accuracy_at_0_5: float | None = None
+    kappa_at_0_5: float | None = None
+    threshold: float | None = None
+    kappa_calibration: float | None = None
+    kappa: float | None = None  # at the calibrated threshold, on the evaluation part: the admission figure
+    accuracy: float | None = None
+    per_source: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    labels_per_second: float | None = None
+    scored_now: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- candidates -----------------------------------------------------------------------------------------
+
+
+def _fetch_models_module() -> Any:
+    """scripts/fetch_models.py is a script, not a package module: load it from its file, once."""
+    name = "embedkomb_fetch_models"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / "fetch_models.py")
+    if spec is None or spec.loader is None:
+        raise QualificationError("scripts/fetch_models.py is missing: it holds the offline model registry")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def offline_candidates(
+    models_dir: Path = DEFAULT_MODELS_DIR,
+    names: Sequence[str] | None = None,
+    sha256_of: Callable[[Path], str] | None = None,
+) -> list[Candidate]:
+    """The offline models of scripts/fetch_models.py present in models_dir (all, or those named).
+
+    A named model that is missing is an error (run `make models`); unnamed missing ones are left out.
+    The file is hashed (sha256_of, default a full hash) and must match the pinned hash.
+    """
+    registry = _fetch_models_module().MODELS
+    unknown = [n for n in names or [] if n not in registry]
+    if unknown:
+        raise QualificationError(f"unknown offline model(s) {unknown}; known: {', '.join(registry)}")
+    hasher = sha256_of or _sha256_file
+    out: list[Candidate] = []
+    for key, model in registry.items():
+        if names is not None and key not in names:
+            continue
+        path = models_dir / model.filename
+        if not path.exists():
+            if names is not None:
+                raise QualificationError(f"{path} is missing: run `make models` (or scripts/fetch_models.py {key})")
+            continue
+        digest = hasher(path)
+        if digest != model.sha256:
+            raise QualificationError(f"{path} has sha256 {digest}, not the pinned {model.sha256}: refusing it")
+        # upstream reads "Owner/Repo (QUANT), unofficial re-upload in …"
+        match = re.match(r"(\S+) \(([^)]+)\)", model.upstream)
+        if match is None:
+            raise QualificationError(f"fetch_models entry {key}: cannot read upstream {model.upstream!r}")
+        repo, quant = match.group(1), match.group(2)
+        gguf_repo = repo.endswith("-GGUF")
+        out.append(
+            Candidate(
+                name=f"{key}-{quant.lower()}",
+                path=path,
+                model_id=repo.removesuffix("-GGUF"),
+                quantization=quant,
+                sha256=digest,
+                size_bytes=path.stat().st_size,
+                hub_repo=repo if gguf_repo else "",
+                hub_file=model.filename,
+                description=model.upstream,
+            )
+        )
+    return out
+
+
+def candidate_from_path(path: str | os.PathLike[str], sha256_of: Callable[[Path], str] | None = None) -> Candidate:
+    """Any local GGUF file: identified by its sha256, quantization read from the file name when it says."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() != ".gguf":
+        raise QualificationError(f"{path} is not a GGUF file")
+    quant = re.search(r"(?i)\b(q\d(?:_k)?(?:_[a-z0-9]+)?|f16|bf16|f32)\b", path.stem.replace(".", " "))
+    quantization = quant.group(1).upper() if quant else "unknown"
+    return Candidate(
+        name=re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()),
+        path=path,
+        model_id=f"local/{path.stem}",
+        quantization=quantization,
+        sha256=(sha256_of or _sha256_file)(path),
+        size_bytes=path.stat().st_size,
+        hub_file=path.name,
+        description=f"local file {path}",
+    )
+
+
+def _sha256_file(path: Path) -> str:
+    from annotator.models import sha256_file
+
+    return sha256_file(path)
+
+
+# --- gold -----------------------------------------------------------------------------------------------
+
+
+def parse_sources(specs: Sequence[str] | None) -> tuple[GoldSource, ...]:
+    """ "dataset:qrels_split[:min_grade]" strings (e.g. "nfcorpus:test:2"); None → gold.QUALIFICATION_SOURCES."""
+    if specs is None:
+        return QUALIFICATION_SOURCES
+    out = []
+    for spec in specs:
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise QualificationError(f"gold source {spec!r}: expected dataset:qrels_split[:min_grade]")
+        if parts[1] != "test":
+            # train/dev judgments are the honeypots' (gold.HONEYPOT_SOURCES): a model must not be tested on them
+            raise QualificationError(f"gold source {spec!r}: qualification uses test qrels only")
+        out.append(GoldSource(parts[0], parts[1], int(parts[2]) if len(parts) == 3 else 1))
+    return tuple(out)
+
+
+def qualification_gold(
+    data_dir: str | Path, sources: tuple[GoldSource, ...] = QUALIFICATION_SOURCES, per_source: int = 40, seed: int = 0
+) -> list[dict]:
+    """Gold pairs from test qrels: per source, half human-judged relevant, half clearly non-relevant."""
+    rows = build_gold_pairs(data_dir, sources, per_source=per_source, seed=seed)
+    if not rows:
+        raise QualificationError(f"no gold pairs from {[s.dataset for s in sources]} under {data_dir}")
+    return rows
+
+
+def assert_disjoint(gold: Iterable[dict], honeypot_pair_ids: Iterable[str]) -> None:
+    """A model must never be qualified on pairs that volunteers also see as honeypots."""
+    overlap = {row["pair_id"] for row in gold} & set(honeypot_pair_ids)
+    if overlap:
+        raise QualificationError(f"{len(overlap)} gold pairs are also honeypots (e.g. {sorted(overlap)[0]})")
+
+
+def split_gold(rows: Sequence[dict], calibration_fraction: float = 0.5, seed: int = 0) -> tuple[list, list]:
+    """(calibration, evaluation), split by query within each source so that no query is in both parts."""
+    if not 0.0 < calibration_fraction < 1.0:
+        raise QualificationError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
+    rng = random.Random(seed)
+    calibration_queries: set[tuple[str, str]] = set()
+    for source in sorted({r["source"] for r in rows}):
+        queries = sorted({r["query"] for r in rows if r["source"] == source})
+        rng.shuffle(queries)
+        n = max(1, round(len(queries) * calibration_fraction)) if len(queries) > 1 else 0
+        calibration_queries.update((source, q) for q in queries[:n])
+    calibration = [r for r in rows if (r["source"], r["query"]) in calibration_queries]
+    evaluation = [r for r in rows if (r["source"], r["query"]) not in calibration_queries]
+    if not calibration or not evaluation:
+        raise QualificationError(f"{len(rows)} gold pairs are too few to split into calibration and evaluation")
+    return calibration, evaluation
+
+
+# --- scoring --------------------------------------------------------------------------------------------
+
+
+def score_pairs(
+    candidate: Candidate,
+    rows: Sequence[dict],
+    cache_dir: Path,
+    n_ctx: int = 2048,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, float], int, float]:
+    """P(relevant) per pair_id with the annotator's llama.cpp backend; (scores, pairs scored now, seconds spent)."""
+    from annotator.backends.base import Pair, order_pairs
+    from annotator.prompt import PROMPT_VERSION
+
+    cache_path = cache_dir / f"{candidate.sha256[:16]}-{PROMPT_VERSION}.json"
+    scores: dict[str, float] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    todo = [r for r in rows if r["pair_id"] not in scores]
+    if not todo:
+        return {r["pair_id"]: scores[r["pair_id"]] for r in rows}, 0, 0.0
+    from annotator.backends.llama_cpp import LlamaCppBackend
+
+    log(f"{candidate.name}: scoring {len(todo)} gold pairs ({len(rows) - len(todo)} cached)")
+    backend = LlamaCppBackend(candidate.path, n_ctx=n_ctx, n_threads=threads)
+    start = time.perf_counter()
+    try:
+        pairs = order_pairs(Pair(r["pair_id"], r["query"], r["document"]) for r in todo)
+        for i, score in enumerate(backend.score_pairs(pairs), start=1):
+            scores[score.pair_id] = score.p_relevant
+            if i % 20 == 0:
+                log(f"{candidate.name}: {i}/{len(todo)} pairs, {i / (time.perf_counter() - start):.2f} labels/s")
+    finally:
+        seconds = time.perf_counter() - start
+        backend.close()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(scores))
+        os.replace(tmp, cache_path)
+    return {r["pair_id"]: scores[r["pair_id"]] for r in rows}, len(todo), seconds
+
+
+def _auc_of(scores: Sequence[float], gold: Sequence[bool]) -> float:
+    return auc(
+        [s for s, g in zip(scores, gold, strict=True) if g], [s for s, g in zip(scores, gold, strict=True) if not g]
+    )
+
+
+def assess(
+    report: ModelReport, scores: dict[str, float], calibration: Sequence[dict], evaluation: Sequence[dict]
+) -> ModelReport:
+    """Fill the report's figures: threshold from the calibration part, everything else on the evaluation part."""
+    cal_scores = [scores[r["pair_id"]] for r in calibration]
+    cal_gold = [bool(r["relevant"]) for r in calibration]
+    kappa_cal, threshold = best_threshold(cal_scores, cal_gold)
+    ev_scores = [scores[r["pair_id"]] for r in evaluation]
+    ev_gold = [bool(r["relevant"]) for r in evaluation]
+    report.pairs_calibration, report.pairs_evaluation = len(calibration), len(evaluation)
+    report.threshold = round(threshold, 6)
+    report.kappa_calibration = kappa_cal
+    report.auc = _auc_of(ev_scores, ev_gold)
+    report.accuracy_at_0_5 = accuracy(ev_scores, ev_gold, 0.5)
+    report.kappa_at_0_5 = kappa_at(ev_scores, ev_gold, 0.5)
+    report.accuracy = accuracy(ev_scores, ev_gold, threshold)
+    report.kappa = kappa_at(ev_scores, ev_gold, threshold)
+    for source in sorted({r["source"] for r in evaluation}):
+        part = [r for r in evaluation if r["source"] == source]
+        s = [scores[r["pair_id"]] for r in part]
+        g = [bool(r["relevant"]) for r in part]
+        report.per_source[source] = {
+            "pairs": len(part),
+            "auc": _auc_of(s, g),
+            "kappa": kappa_at(s, g, threshold),
+        }
+    report.admitted = report.kappa >= report.kappa_min
+    return report
+
+
+def qualify(
+    candidates: Sequence[Candidate],
+    gold: Sequence[dict],
+    cache_dir: Path,
+    kappa_min: float = 0.8,
+    calibration_fraction: float = 0.5,
+    seed: int = 0,
+    n_ctx: int = 2048,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[ModelReport]:
+    """A report per candidate; a model that fails to load or score is reported (not admitted), never skipped."""
+    calibration, evaluation = split_gold(gold, calibration_fraction, seed)
+    reports = []
+    for candidate in candidates:
+        report = ModelReport(
+            name=candidate.name,
+            model_id=candidate.model_id,
+            quantization=candidate.quantization,
+            path=str(candidate.path),
+            sha256=candidate.sha256,
+            description=candidate.description,
+            kappa_min=kappa_min,
+        )
+        start = time.perf_counter()
+        try:
+            scores, scored, seconds = score_pairs(candidate, gold, cache_dir, n_ctx=n_ctx, threads=threads, log=log)
+        except Exception as exc:
+            report.error = f"{type(exc).__name__}: {exc}"
+            log(f"{candidate.name}: failed: {report.error}")
+        else:
+            assess(report, scores, calibration, evaluation)
+            report.scored_now = scored
+            report.labels_per_second = scored / seconds if scored and seconds > 0 else None
+        report.seconds = time.perf_counter() - start
+        reports.append(report)
+    return reports
+
+
+# --- registry and report --------------------------------------------------------------------------------
+
+
+def registry_entry(candidate: Candidate, report: ModelReport, gold_sources: Sequence[str]) -> dict[str, Any]:
+    """kombinat's model registry entry (PUT /api/v1/admin/models) for one qualified-or-not model."""
+    return {
+        "name": candidate.name,
+        "backend": BACKEND,
+        "model_id": candidate.model_id,
+        "quantization": candidate.quantization,
+        "tier": 0,
+        "hub_repo": candidate.hub_repo,
+        "hub_file": candidate.hub_file,
+        "sha256": candidate.sha256,
+        "size_bytes": candidate.size_bytes,
+        "min_memory_gb": candidate.min_memory_gb,
+        "admitted": report.admitted,
+        "qualification": {
+            "kappa": report.kappa,
+            "kappa_min": report.kappa_min,
+            "threshold": report.threshold,
+            "kappa_at_0_5": report.kappa_at_0_5,
+            "auc": report.auc,
+            "accuracy": report.accuracy,
+            "pairs_evaluation": report.pairs_evaluation,
+            "pairs_calibration": report.pairs_calibration,
+            "gold": list(gold_sources),
+            "error": report.error,
+            "qualified_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def report_markdown(reports: Sequence[ModelReport], gold_sources: Sequence[str], kappa_min: float) -> str:
+    lines = [
+        f"Admission bar: κ ≥ {kappa_min:g} at the threshold calibrated on the calibration part"
+        + (" (**lowered below the mission's 0.8**)" if kappa_min < 0.8 else ""),
+        f"Gold: {', '.join(gold_sources)} (test qrels; relevant vs random unjudged documents).",
+        "",
+        "| model | admitted | eval pairs | AUC | acc@0.5 | κ@0.5 | threshold | κ@threshold | acc@threshold "
+        "| labels/s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        lines.append(
+            f"| {r.name} | {'**yes**' if r.admitted else 'no'} | {r.pairs_evaluation} | {_fmt(r.auc)} "
+            f"| {_fmt(r.accuracy_at_0_5)} | {_fmt(r.kappa_at_0_5)} | {_fmt(r.threshold, 4)} | {_fmt(r.kappa)} "
+            f"| {_fmt(r.accuracy)} | {_fmt(r.labels_per_second, 2)} | {r.error or ''} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(
+    reports: Sequence[ModelReport], out_dir: Path, gold_sources: Sequence[str], kappa_min: float, extra: dict
+) -> dict[str, Path]:
+    """report.json and report.md in out_dir (replaced atomically), plus a dated copy of the JSON as history."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    payload = {
+        "generated_at": stamp,
+        "kappa_min": kappa_min,
+        "gold": list(gold_sources),
+        **extra,
+        "models": [r.as_dict() for r in reports],
+    }
+    paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
+    (out_dir / "history").mkdir(exist_ok=True)
+    (out_dir / "history" / f"{stamp}.json").write_text(json.dumps(payload, indent=1))
+    texts = {"json": json.dumps(payload, indent=1), "markdown": report_markdown(reports, gold_sources, kappa_min)}
+    for key, text in texts.items():
+        tmp = paths[key].with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, paths[key])
+    return paths

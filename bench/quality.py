@@ -1,14 +1,18 @@
 """Retrieval quality after fine-tuning: nDCG@10 on the held-out SciFact test claims (300 queries, human qrels).
 
 Training data is the pipeline's sample split, scifact_title_abstract (paper titles → their abstracts), with BM25
-(bm25s) top-k candidates per title mined as the pipeline's mining stage would. No LLM verdicts are produced here
-(labeling 50k pairs offline takes hours on 2 cores), so every mined candidate is *unverified*; the variants
-differ in what they do with them:
+(bm25s) top-k candidates per title mined as the pipeline's mining stage would. Verified labels: the top
+`--label-candidates` candidates of `--label-queries` titles are labeled by each of `--label-models` (the offline
+GGUFs, through the annotator's own llama.cpp backend and prompt: one forward pass, P(yes) vs P(no)), and a pair is
+verified when every model gives the same verdict at P ≥ 0.5 — kombinat's rule (≥ 2 independent labelers agree),
+with models in place of volunteers. Labeling every one of the ~50k candidates would take hours on 2 cores, so the
+rest stay *unverified*. The variants differ in what they do with the candidates:
 
   (a) base        all-MiniLM-L6-v2 as shipped;
   (b) unfiltered  InfoNCE with the mined candidates as hard negatives (what hard-negative mining does unlabeled);
-  (c) infonce     InfoNCE with in-batch negatives, unverified mined candidates masked out of the denominator;
-  (d) exact       exact softmax over the whole corpus cache with coordinate ascent, candidates masked.
+  (c) infonce     InfoNCE, verified-relevant candidates as positives, verified non-relevant as hard negatives,
+                  unverified candidates masked out of the denominator;
+  (d) exact       the same labels, exact softmax over the whole corpus cache with coordinate ascent.
 
 All trained variants start from (a) and get the same number of optimizer steps, batch, lr (1e-4), temperature
 and sequence length. Evaluation: exact cosine search over the whole SciFact corpus (title + " " + text, as MTEB
@@ -16,7 +20,7 @@ builds it), binary qrels, nDCG@10 computed here; (a) should reproduce MTEB's pub
 Caveat: the titles and abstracts are SciFact's own corpus, so training sees the evaluation documents (never
 the test claims or their judgments) — as a domain split would in the pipeline.
 
-    flock /tmp/embedkomb-bench.lock .venv/bin/python bench/quality.py --steps 40
+    flock -x /tmp/embedkomb-cpu.lock .venv/bin/python bench/quality.py --steps 40
 """
 
 from __future__ import annotations
@@ -69,7 +73,62 @@ def evaluate(model_dir: Path, beir: BeirDataset, batch_size: int = 64, precision
     return ndcg_at_10([[doc_ids[j] for j in row] for row in top], qids, qrels)
 
 
-def build_training_set(data_dir: Path, top_k: int, work: Path) -> TrainingSet:
+def verify_by_agreement(
+    candidates: Path, source: Path, models: list[Path], n_queries: int, per_query: int, out: Path, seed: int = 0
+) -> dict[str, float]:
+    """Label the top candidates of n random titles with every model; write the pairs they all agree on as a
+    verified export file (the columns the training-set builder reads). Returns counts and timings."""
+    import random
+
+    import polars as pl
+
+    from annotator.backends.base import Pair, order_pairs
+    from annotator.backends.llama_cpp import LlamaCppBackend
+
+    shard = pl.read_parquet(candidates).filter(pl.col("rank") <= per_query)
+    texts = pl.read_parquet(source)
+    queries = dict(zip(texts["query_id"], texts["query"], strict=True))
+    documents = dict(zip(texts["doc_id"], texts["document"], strict=True))
+    chosen = set(
+        random.Random(seed).sample(sorted(set(shard["query_id"])), min(n_queries, shard["query_id"].n_unique()))
+    )
+    rows = [r for r in shard.iter_rows(named=True) if r["query_id"] in chosen]
+    pairs = [Pair(r["pair_id"], queries[r["query_id"]], documents[r["doc_id"]]) for r in rows]
+    verdicts: dict[str, list[bool]] = {p.pair_id: [] for p in pairs}
+    probabilities: dict[str, list[float]] = {p.pair_id: [] for p in pairs}
+    stats: dict[str, float] = {"labeled_pairs": len(pairs)}
+    for model in models:
+        t0 = time.perf_counter()
+        backend = LlamaCppBackend(model, n_ctx=1024, max_document_tokens=512)
+        for score in backend.score_pairs(order_pairs(pairs)):
+            verdicts[score.pair_id].append(score.p_relevant >= 0.5)
+            probabilities[score.pair_id].append(score.p_relevant)
+        backend.close()
+        seconds = time.perf_counter() - t0
+        stats[f"{model.stem}_pairs_per_s"] = round(len(pairs) / seconds, 2)
+        stats[f"{model.stem}_relevant_share"] = round(sum(v[-1] for v in verdicts.values()) / len(pairs), 3)
+        print(f"  labeled {len(pairs)} pairs with {model.name} in {seconds:.0f} s", flush=True)
+    agreed = [(p, v[0]) for p in pairs if len(set(v := verdicts[p.pair_id])) == 1]
+    stats["verified"] = len(agreed)
+    stats["verified_relevant"] = sum(label for _, label in agreed)
+    pl.DataFrame(
+        {
+            "query": [p.query for p, _ in agreed],
+            "document": [p.document for p, _ in agreed],
+            "label": [label for _, label in agreed],
+            "p_relevant": [sum(probabilities[p.pair_id]) / len(models) for p, _ in agreed],
+            "status": ["verified"] * len(agreed),
+            "split": ["scifact_title_abstract"] * len(agreed),
+        },
+        schema={"query": pl.String, "document": pl.String, "label": pl.Boolean, "p_relevant": pl.Float64,
+                "status": pl.String, "split": pl.String},
+    ).write_parquet(out)  # fmt: skip
+    return stats
+
+
+def build_training_set(
+    data_dir: Path, top_k: int, work: Path, label_models: list[Path], label_queries: int, label_candidates: int
+) -> tuple[TrainingSet, dict[str, float]]:
     import bm25s
     import polars as pl
     import pyarrow as pa
@@ -101,7 +160,11 @@ def build_training_set(data_dir: Path, top_k: int, work: Path) -> TrainingSet:
                 cols[name].append(value)
     candidates = work / "candidates.parquet"
     pq.write_table(pa.table(cols, schema=CANDIDATE_SCHEMA), candidates)
-    return build([source], [], [candidates])
+    if not label_models:
+        return build([source], [], [candidates]), {}
+    verified = work / "verified.parquet"
+    stats = verify_by_agreement(candidates, source, label_models, label_queries, label_candidates, verified)
+    return build([source], [verified], [candidates]), stats
 
 
 def main() -> None:
@@ -115,6 +178,13 @@ def main() -> None:
         "--data-dir", default=os.environ.get("EMBEDKOMB_DATA_DIR", str(REPO.parent / "shared" / "data"))
     )
     parser.add_argument("--eval-precision", choices=["fp32", "bf16", "auto"], default="fp32")
+    parser.add_argument(
+        "--label-models",
+        default="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf,qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        help="GGUF files under models/ (make models) that verify candidates by agreement; '' for none",
+    )
+    parser.add_argument("--label-queries", type=int, default=200, help="titles whose candidates get labeled")
+    parser.add_argument("--label-candidates", type=int, default=2, help="top candidates labeled per such title")
     parser.add_argument("--out", default=None, help="keep the trained models here (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -133,7 +203,14 @@ def main() -> None:
     base = default_base_model_path()
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    data = build_training_set(Path(args.data_dir) / "scifact", args.top_k, work)
+    label_models = [REPO / "models" / name for name in args.label_models.split(",") if name]
+    missing = [str(p) for p in label_models if not p.is_file()]
+    if missing:
+        parser.error(f"labeling models not found: {', '.join(missing)} (run `make models`, or pass --label-models '')")
+    data, label_stats = build_training_set(
+        Path(args.data_dir) / "scifact", args.top_k, work, label_models, args.label_queries, args.label_candidates
+    )
+    print(f"verification: {label_stats}", flush=True)
     print(f"training set: {data.counts}", flush=True)
     common = {"batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "lr": 1e-4, "seed": 0}
     results = {}
@@ -161,7 +238,8 @@ def main() -> None:
         results[variant] = {"ndcg@10": round(score, 4), "seconds": round(time.perf_counter() - t0, 1),
                             "train_seconds": round(train_seconds, 1)}  # fmt: skip
         print(f"{variant:12} nDCG@10 {score:.4f}  ({results[variant]['seconds']} s)", flush=True)
-    print(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "results": results}))
+    print(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "verification": label_stats,
+                      "training_set": data.counts, "results": results}))  # fmt: skip
 
 
 if __name__ == "__main__":

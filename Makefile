@@ -11,8 +11,8 @@ LLAMA_CPP_SPEC := $(shell sed -n 's/^llama-cpp-python//p' constraints.txt)
 
 export EMBEDKOMB_DATA_DIR ?= $(abspath ../shared/data)
 export DAGSTER_HOME ?= $(abspath .dagster_home)
-# psycopg2 named explicitly: SQLAlchemy 2.1 defaults to psycopg 3, which dagster-postgres' NOTIFY cannot use
-export DAGSTER_POSTGRES_URL ?= postgresql+psycopg2://postgres@127.0.0.1:5432/embedkomb_dagster
+# DAGSTER_POSTGRES_URL is not set here: demo and ui put Dagster on the same PostgreSQL as kombinat (the embedded
+# one unless KOMBINAT_DATABASE_URL or DATABASE_URL names a server); embedkomb_pipeline/instance.py has the default.
 
 .PHONY: install demo test ui lint bench-mining postgres clean models models-tiny chromium
 
@@ -32,8 +32,9 @@ install: $(STAMP)
 postgres:
 	@bash scripts/ensure-postgres.sh
 
-demo: $(STAMP) postgres
-	$(PY) -m embedkomb_pipeline.demo
+# One whole cycle on embedded PostgreSQL (no DATABASE_URL needed); running it again resumes. Options: --help.
+demo: $(STAMP) models-tiny
+	$(PY) -m embedkomb_pipeline.demo $(DEMO_ARGS)
 
 # pytest exits 5 when it collects no test: make treats that as the failure it is
 test: $(STAMP) postgres models-tiny chromium
@@ -43,9 +44,9 @@ test: $(STAMP) postgres models-tiny chromium
 chromium:
 	@bash scripts/ensure-chromium.sh
 
-ui: $(STAMP) postgres
-	$(PY) -c "from embedkomb_pipeline.instance import project_instance; project_instance()"
-	$(VENV)/bin/dagster dev -w workspace.yaml
+# The demo's services (PostgreSQL, kombinat with its progress page) plus the Dagster UI; Ctrl-C stops all.
+ui: $(STAMP) models-tiny
+	$(PY) -m embedkomb_pipeline.demo --ui
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -5,30 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from urllib.parse import urlparse
 
 import dagster as dg
 
+from embedkomb_pipeline.services import ensure_database  # TCP and Unix-socket URLs (the embedded server)
 from embedkomb_pipeline.settings import REPO_ROOT
 
 DEFAULT_DAGSTER_POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/embedkomb_dagster"
-
-
-def ensure_database(url: str) -> None:
-    """Create the database named in a PostgreSQL URL if it does not exist yet (the server must be up)."""
-    import psycopg
-    from psycopg import sql
-
-    parsed = urlparse(url)
-    name = parsed.path.lstrip("/")
-    user = parsed.username or "postgres"
-    if parsed.password:
-        user = f"{user}:{parsed.password}"
-    admin = f"postgresql://{user}@{parsed.hostname or '127.0.0.1'}:{parsed.port or 5432}/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
-        if not exists:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 def project_instance() -> dg.DagsterInstance:

@@ -1,0 +1,203 @@
+"""Local volunteers for a demo: the real `annotator run` processes, each with its own identity and model.
+
+Real GitHub cannot be reached from a demo machine, so each volunteer is a local contributor (`local:<name>`,
+what `kombinat create-local-contributor` mints with database access; see kombinat_api/cli.py). Everything
+after the sign-in is the production path: the annotator reads kombinat's registry, checks the model file's
+sha256 against it, claims batches over HTTP, labels with llama.cpp and streams labels back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from embedkomb_pipeline.services import child_process, local_contributor_token, stop_process, temporary_environ
+from embedkomb_pipeline.settings import REPO_ROOT
+
+MODELS_DIR = REPO_ROOT / "models"
+
+
+def _offline_models() -> Any:
+    """scripts/fetch_models.py pins the offline model files by sha256; read the pins from there, not a copy."""
+    spec = importlib.util.spec_from_file_location("fetch_models", REPO_ROOT / "scripts" / "fetch_models.py")
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{REPO_ROOT / 'scripts' / 'fetch_models.py'} is missing")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("fetch_models", module)
+    spec.loader.exec_module(module)
+    return module.MODELS
+
+
+def tiny_model_entry() -> tuple[Path, dict[str, Any]]:
+    """The tiny SmolLM2 GGUF (`make models-tiny`) and the registry entry that admits it on a local kombinat.
+
+    Marked as what it is: a model for exercising the code path. Its labels are near chance."""
+    pinned = _offline_models()["smollm2-135m"]
+    path = MODELS_DIR / pinned.filename
+    if not path.exists():
+        raise FileNotFoundError(f"the tiny labeling model is missing at {path}: run `make models-tiny`")
+    return path, {
+        "name": "smollm2-135m-q4_1",
+        "backend": "llama_cpp",
+        "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "quantization": "Q4_1",
+        "tier": 0,
+        "hub_repo": "",
+        "hub_file": pinned.filename,
+        "sha256": pinned.sha256,
+        "size_bytes": pinned.size,
+        "min_memory_gb": 0.5,
+        "admitted": True,
+        "qualification": {"note": "demo model: exercises the code path, labels near chance"},
+    }
+
+
+def admit_model(kombinat_url: str, admin_token: str, entry: dict[str, Any]) -> None:
+    response = httpx.put(
+        f"{kombinat_url}/api/v1/admin/models",
+        json={"models": [entry]},
+        headers={"Authorization": f"Bearer {admin_token}"},
+        timeout=30,
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"kombinat refused the model registry entry: {response.status_code} {response.text[:300]}")
+
+
+@dataclass
+class Volunteer:
+    """One annotator identity: a local contributor and its own annotator config/data/cache directories."""
+
+    name: str
+    home: Path
+    contributor_id: int = 0
+    token: str = ""
+    labeled: int = 0  # this run, all rounds
+    rate: float | None = None  # pairs/s of the last round that labeled anything
+
+    @property
+    def login(self) -> str:
+        return f"local:{self.name}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "ANNOTATOR_CONFIG_DIR": str(self.home / "config"),
+            "ANNOTATOR_DATA_DIR": str(self.home / "data"),
+            "ANNOTATOR_CACHE_DIR": str(self.home / "cache"),
+        }
+
+
+def sign_in_local(volunteer: Volunteer, kombinat_url: str, database_url: str) -> Volunteer:
+    """Mint a token for `local:<name>` and store it where that volunteer's annotator looks (0600, like login)."""
+    from annotator import auth
+
+    volunteer.contributor_id, volunteer.token = local_contributor_token(database_url, volunteer.name)
+    with temporary_environ(volunteer.env):  # annotator.auth resolves its directories from these at call time
+        auth.save(auth.Credentials(kombinat_url, volunteer.token, volunteer.login, str(volunteer.contributor_id)))
+    return volunteer
+
+
+@dataclass
+class LabelingConfig:
+    batch_size: int = 100  # pairs per claim; about half the queue, so both volunteers work at once
+    threads: int = 1  # llama.cpp threads per volunteer (two volunteers on two cores)
+    max_rounds: int = 6
+    round_timeout_s: float = 900.0
+
+
+@dataclass
+class RoundResult:
+    labeled: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+def _annotator_once(
+    volunteer: Volunteer, kombinat_url: str, model_path: Path, config: LabelingConfig, log_path: Path
+) -> Any:
+    cmd = [sys.executable, "-m", "annotator", "run", "--server", kombinat_url, "--model-path", str(model_path),
+           "--json", "--once", "--batch-size", str(config.batch_size), "--threads", str(config.threads)]  # fmt: skip
+    env = {**os.environ, **volunteer.env, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    # same process group as the demo: a Ctrl-C reaches the annotators too, which then finish the pair they
+    # score, send what they labeled and give the rest back (their own clean-stop path)
+    return child_process(cmd, env=env, log_path=log_path, new_group=False)
+
+
+def _finish_event(log_path: Path, start_offset: int) -> dict[str, Any] | None:
+    with log_path.open("rb") as f:
+        f.seek(start_offset)
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "finish":
+                return event
+    return None
+
+
+def label_until_done(
+    volunteers: list[Volunteer],
+    kombinat_url: str,
+    model_path: Path,
+    config: LabelingConfig,
+    log_dir: Path,
+    on_tick: Callable[[int], None] = lambda _round: None,
+) -> list[RoundResult]:
+    """Rounds of `annotator run --once`, all volunteers at once, until a round labels nothing.
+
+    A pair needs labels from different contributors, so each round hands every volunteer the pairs the others
+    labeled before; the loop ends when no volunteer finds work it may do (pairs still disputed after both voted
+    wait for a third contributor). on_tick is called about twice a second while a round runs (live display).
+    """
+    rounds: list[RoundResult] = []
+    for number in range(1, config.max_rounds + 1):
+        procs = []
+        for v in volunteers:
+            log_path = log_dir / f"annotator-{v.name}.log"
+            log_path.touch()
+            offset = log_path.stat().st_size
+            procs.append((v, _annotator_once(v, kombinat_url, model_path, config, log_path), log_path, offset))
+        deadline = time.monotonic() + config.round_timeout_s
+        try:
+            while any(p.poll() is None for _, p, _, _ in procs):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"labeling round {number} took over {config.round_timeout_s:.0f} s")
+                on_tick(number)
+                time.sleep(0.5)
+        finally:
+            for _, proc, _, _ in procs:
+                stop_process(proc, timeout=30)  # a no-op for those that already exited
+        result = RoundResult()
+        for v, proc, log_path, offset in procs:
+            event = _finish_event(log_path, offset)
+            if proc.returncode != 0 or event is None:
+                raise RuntimeError(
+                    f"annotator of {v.login} exited with code {proc.returncode} in round {number}; its log: {log_path}"
+                )
+            result.labeled[v.name] = int(event["labeled"])
+            result.reasons[v.name] = str(event["reason"])
+            v.labeled += int(event["labeled"])
+            if int(event["labeled"]):
+                v.rate = float(event.get("pairs_per_second") or 0.0)
+        rounds.append(result)
+        on_tick(number)
+        if not any(result.labeled.values()):
+            break
+    return rounds
+
+
+def volunteer_threads(n_volunteers: int) -> int:
+    """llama.cpp threads per volunteer: the cores shared out, at least one each."""
+    return max(1, (os.cpu_count() or 2) // max(1, n_volunteers))

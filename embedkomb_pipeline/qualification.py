@@ -88,7 +88,7 @@ class ModelReport:
     kappa: float | None = None  # at the calibrated threshold, on the evaluation part: the admission figure
     accuracy: float | None = None
     per_source: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    labels_per_second: float | None = None
+    labels_per_second: float | None = None  # over every pair this model scored into the cache, on this machine
     scored_now: int = 0
     seconds: float = 0.0
 
@@ -251,35 +251,44 @@ def score_pairs(
     n_ctx: int = 2048,
     threads: int | None = None,
     log: Callable[[str], None] = print,
-) -> tuple[dict[str, float], int, float]:
-    """P(relevant) per pair_id with the annotator's llama.cpp backend; (scores, pairs scored now, seconds spent)."""
+) -> tuple[dict[str, float], int, float | None]:
+    """P(relevant) per pair_id with the annotator's llama.cpp backend.
+
+    Returns (scores, pairs scored now, labels/s over every pair this model ever scored into the cache). A partial
+    run (Ctrl-C) keeps what it scored.
+    """
     from annotator.backends.base import Pair, order_pairs
     from annotator.prompt import PROMPT_VERSION
 
     cache_path = cache_dir / f"{candidate.sha256[:16]}-{PROMPT_VERSION}.json"
+    timing_path = cache_path.with_suffix(".timing.json")
     scores: dict[str, float] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"pairs": 0, "seconds": 0.0}
     todo = [r for r in rows if r["pair_id"] not in scores]
-    if not todo:
-        return {r["pair_id"]: scores[r["pair_id"]] for r in rows}, 0, 0.0
-    from annotator.backends.llama_cpp import LlamaCppBackend
+    done = 0
+    if todo:
+        from annotator.backends.llama_cpp import LlamaCppBackend
 
-    log(f"{candidate.name}: scoring {len(todo)} gold pairs ({len(rows) - len(todo)} cached)")
-    backend = LlamaCppBackend(candidate.path, n_ctx=n_ctx, n_threads=threads)
-    start = time.perf_counter()
-    try:
-        pairs = order_pairs(Pair(r["pair_id"], r["query"], r["document"]) for r in todo)
-        for i, score in enumerate(backend.score_pairs(pairs), start=1):
-            scores[score.pair_id] = score.p_relevant
-            if i % 20 == 0:
-                log(f"{candidate.name}: {i}/{len(todo)} pairs, {i / (time.perf_counter() - start):.2f} labels/s")
-    finally:
-        seconds = time.perf_counter() - start
-        backend.close()
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(scores))
-        os.replace(tmp, cache_path)
-    return {r["pair_id"]: scores[r["pair_id"]] for r in rows}, len(todo), seconds
+        log(f"{candidate.name}: scoring {len(todo)} gold pairs ({len(rows) - len(todo)} cached)")
+        backend = LlamaCppBackend(candidate.path, n_ctx=n_ctx, n_threads=threads)
+        start = time.perf_counter()
+        try:
+            pairs = order_pairs(Pair(r["pair_id"], r["query"], r["document"]) for r in todo)
+            for score in backend.score_pairs(pairs):
+                scores[score.pair_id] = score.p_relevant
+                done += 1
+                if done % 20 == 0:
+                    log(f"{candidate.name}: {done}/{len(todo)}, {done / (time.perf_counter() - start):.2f} labels/s")
+        finally:
+            timing = {"pairs": timing["pairs"] + done, "seconds": timing["seconds"] + time.perf_counter() - start}
+            backend.close()
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            for path, data in ((cache_path, scores), (timing_path, timing)):
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(data))
+                os.replace(tmp, path)
+    rate = timing["pairs"] / timing["seconds"] if timing["pairs"] and timing["seconds"] > 0 else None
+    return {r["pair_id"]: scores[r["pair_id"]] for r in rows}, done, rate
 
 
 def _auc_of(scores: Sequence[float], gold: Sequence[bool]) -> float:
@@ -344,14 +353,14 @@ def qualify(
         )
         start = time.perf_counter()
         try:
-            scores, scored, seconds = score_pairs(candidate, gold, cache_dir, n_ctx=n_ctx, threads=threads, log=log)
+            scores, scored, rate = score_pairs(candidate, gold, cache_dir, n_ctx=n_ctx, threads=threads, log=log)
         except Exception as exc:
             report.error = f"{type(exc).__name__}: {exc}"
             log(f"{candidate.name}: failed: {report.error}")
         else:
             assess(report, scores, calibration, evaluation)
             report.scored_now = scored
-            report.labels_per_second = scored / seconds if scored and seconds > 0 else None
+            report.labels_per_second = rate
         report.seconds = time.perf_counter() - start
         reports.append(report)
     return reports

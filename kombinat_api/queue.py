@@ -124,14 +124,20 @@ async_commit AS (
          WHERE h.pair_id >= (SELECT u FROM hp_start) AND (SELECT tier FROM m) IS NOT NULL
            AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
                            WHERE bh.pair_id = h.pair_id AND bh.contributor_id = {cid})
-           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = {cid})
+           -- OFFSET 0 keeps this a per-honeypot probe of label's (pair_id, contributor_id) key: as an anti
+           -- join the planner walked the whole label index, a cost that grew with every label stored.
+           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = {cid}
+                           OFFSET 0)
          ORDER BY h.pair_id LIMIT %(n)s)
         UNION ALL
         (SELECT h.pair_id FROM honeypot h
          WHERE h.pair_id < (SELECT u FROM hp_start) AND (SELECT tier FROM m) IS NOT NULL
            AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
                            WHERE bh.pair_id = h.pair_id AND bh.contributor_id = {cid})
-           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = {cid})
+           -- OFFSET 0 keeps this a per-honeypot probe of label's (pair_id, contributor_id) key: as an anti
+           -- join the planner walked the whole label index, a cost that grew with every label stored.
+           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = {cid}
+                           OFFSET 0)
          ORDER BY h.pair_id LIMIT %(n)s)
     ) wrapped
     -- randomized rounding keeps the expected share exact for any batch size; one slot stays ordinary

@@ -63,6 +63,7 @@ class Board:
         self.console = console
         self.labeling: LabelingView | None = None
         self._live: Live | None = None
+        self._spinner = Spinner("dots", style="yellow")  # one instance: it animates by its own start time
 
     def __rich__(self) -> RenderableType:
         table = Table.grid(padding=(0, 1))
@@ -72,7 +73,7 @@ class Board:
         table.add_column()
         for stage in self.stages.values():
             if stage.state == "running":
-                icon: RenderableType = Spinner("dots", style="yellow")
+                icon: RenderableType = self._spinner
                 seconds = time.perf_counter() - stage.started
             else:
                 icon = Text.from_markup(_ICONS[stage.state])

@@ -52,7 +52,7 @@ import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
 from kombinat_api import queue as kq  # noqa: E402
-from kombinat_api.auth import hash_token, issue_token  # noqa: E402
+from kombinat_api.auth import issue_token  # noqa: E402
 from kombinat_api.db import make_engine  # noqa: E402
 from tests.support.kombinat_server import (  # noqa: E402
     TEST_MODEL,
@@ -222,8 +222,7 @@ async def _annotate(
 
 
 def bare_ceiling(database_url: str, n_pairs: int, batch_size: int, threads: int, seconds: float) -> dict[str, Any]:
-    """The server's claim and submit statements straight through psycopg: no HTTP, no FastAPI, no Python
-    JSON on the server side (the claim's response body is rendered by the statement itself)."""
+    """The claim and submit statements straight through psycopg: no HTTP, no FastAPI, no JSON."""
     dsn = database_url.replace("postgresql+psycopg://", "postgresql://")
     engine = make_engine(database_url, threads + 1, 0)
     with engine.begin() as conn:
@@ -236,12 +235,13 @@ def bare_ceiling(database_url: str, n_pairs: int, batch_size: int, threads: int,
                 for i in range(n_pairs)
             ],
         )  # fmt: skip
-        tokens = []
-        for i in range(threads):
-            cid = conn.exec_driver_sql(
-                "INSERT INTO contributor (login, trusted) VALUES (%(l)s, true) RETURNING id", {"l": f"ceiling{i}"}
+        cids = [
+            conn.exec_driver_sql(
+                "INSERT INTO contributor (login, trusted) VALUES (%(l)s, true) RETURNING id",
+                {"l": f"ceiling{i}"},
             ).scalar_one()
-            tokens.append(hash_token(issue_token(conn, cid, False, f"ceiling{i}")))
+            for i in range(threads)
+        ]
     engine.dispose()
     model = model_info()
     claim_lat: list[float] = []
@@ -249,19 +249,20 @@ def bare_ceiling(database_url: str, n_pairs: int, batch_size: int, threads: int,
     counts = {"claims": 0, "pairs": 0, "labels": 0}
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
-    limits = {"rate_limit": 10**9, "admin_rate_limit": 10**9}
 
-    def worker(token_hash: str) -> None:
-        # Exactly the server's statements (token check included), one autocommit statement per request.
-        with psycopg.connect(dsn, prepare_threshold=1, autocommit=True) as conn:
+    def worker(cid: int) -> None:
+        with psycopg.connect(dsn, prepare_threshold=1) as conn:
             while time.perf_counter() < deadline:
-                params = kq.claim_params(batch_size, model, 900, 0.07, 0.3, token_hash=token_hash, **limits)
+                bid = uuid.uuid4()
                 t0 = time.perf_counter()
-                row = conn.execute(kq.CLAIM_SQL, params).fetchone()
+                with conn.transaction():
+                    rows = conn.execute(
+                        kq.CLAIM_SQL,
+                        {**model, "cid": cid, "n": batch_size, "hp_expected": batch_size * 0.07, "bid": bid,
+                         "lease": 900.0},
+                    ).fetchall()  # fmt: skip
                 t1 = time.perf_counter()
-                assert row is not None
-                body = kq.claim_result(row).body
-                pairs = [p["pair_id"] for p in json.loads(body or "{}").get("pairs", [])]
+                pairs = [r[2] for r in rows if r[2] is not None]
                 with lock:
                     claim_lat.append(t1 - t0)
                     counts["claims"] += 1
@@ -270,23 +271,22 @@ def bare_ceiling(database_url: str, n_pairs: int, batch_size: int, threads: int,
                     return
                 for i in range(0, len(pairs), CHUNK):
                     chunk = pairs[i : i + CHUNK]
-                    labels = json.dumps(
-                        [{"pair_id": p, "relevant": True, "p_relevant": 0.9, "grade": None, "truncated": False,
-                          "seconds": 0.1} for p in chunk]
-                    )  # fmt: skip
                     t2 = time.perf_counter()
-                    conn.execute(
-                        kq.SUBMIT_SQL,
-                        kq.submit_params(
-                            params["bid"], labels, model, 900, 0.66, 3, 1, token_hash=token_hash, **limits
-                        ),
-                    ).fetchall()
+                    with conn.transaction():
+                        conn.execute(
+                            kq.SUBMIT_SQL,
+                            {"labels": json.dumps([{"pair_id": str(p), "relevant": True, "p_relevant": 0.9,
+                                                    "grade": None, "truncated": False, "seconds": 0.1}
+                                                   for p in chunk]),
+                             "bid": bid, "cid": cid, **model, "lease": 900.0,
+                             "min_agree": 0.66, "max_per_tier": 3, "max_tier": 1},
+                        ).fetchall()  # fmt: skip
                     with lock:
                         submit_lat.append(time.perf_counter() - t2)
                         counts["labels"] += len(chunk)
 
     start = time.perf_counter()
-    ts = [threading.Thread(target=worker, args=(t,)) for t in tokens]
+    ts = [threading.Thread(target=worker, args=(cid,)) for cid in cids]
     for t in ts:
         t.start()
     for t in ts:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,14 +92,7 @@ def principal_in(cur: Cursor[Any], request: Request, token: str) -> Principal:
 
 def resolve(cur: Cursor[Any], token: str, contributor_limit: int, admin_limit: int) -> Principal:
     row = cur.execute(RESOLVE_SQL, {"h": hash_token(token)}).fetchone()
-    return principal_from_row(row, token, contributor_limit, admin_limit)
-
-
-def principal_from_row(row: Sequence[Any] | None, token: str, contributor_limit: int, admin_limit: int) -> Principal:
-    """The caller from a token row (id, login, admin bit, trusted, good standing, banned, requests this minute,
-    seconds to the next minute), or the 401/403/429 that tells it why not. ``row`` None or all None: no
-    such live token. Used by RESOLVE_SQL and by the claim and submit statements that resolve inline."""
-    if row is None or row[0] is None:
+    if row is None:
         raise unauthorized("Invalid or revoked token: sign in again to get a new one.")
     cid, login, is_admin, trusted, good, banned, count, retry_after = row
     if banned:

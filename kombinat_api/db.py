@@ -9,8 +9,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from psycopg import AsyncConnection, Cursor
-from psycopg_pool import AsyncConnectionPool
+from psycopg import Cursor
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
@@ -30,30 +29,6 @@ def make_engine(database_url: str, pool_size: int = 8, max_overflow: int = 4) ->
         # connection runs repeatedly (the claim and submit CTEs), which saves their planning time.
         connect_args={"prepare_threshold": 3},
     )
-
-
-def libpq_url(database_url: str) -> str:
-    """SQLAlchemy's ``postgresql+psycopg://`` URL as a plain libpq connection URI."""
-    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-async def open_async_pool(database_url: str, size: int = 8, max_overflow: int = 4) -> AsyncConnectionPool[Any]:
-    """The pool of the hot endpoints (claim, submit): async connections in autocommit mode.
-
-    Each of those requests is one statement that authenticates the caller and does the work, so autocommit
-    makes it one round trip with no BEGIN/COMMIT, and the event loop never hands the request to a thread.
-    Statements are prepared per connection after a few uses, as in ``make_engine``.
-    """
-    pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
-        libpq_url(database_url),
-        min_size=max(1, size),
-        max_size=max(1, size) + max(0, max_overflow),
-        kwargs={"autocommit": True, "prepare_threshold": 3},
-        open=False,
-        name="kombinat-hot",
-    )
-    await pool.open(wait=True, timeout=30.0)
-    return pool
 
 
 @contextmanager

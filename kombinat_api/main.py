@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from kombinat_api import __version__
-from kombinat_api.db import make_engine, open_async_pool
+from kombinat_api.db import make_engine
 from kombinat_api.limits import BodySizeLimit
 from kombinat_api.routes import admin, auth, models, public, work
 from kombinat_api.settings import Settings
@@ -23,13 +23,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # would need (leases, rate limits, tokens are all rows in PostgreSQL).
         engine = make_engine(settings.database_url, settings.db_pool_size, settings.db_max_overflow)
         app.state.engine = engine
-        # The claim and submit endpoints run on the event loop with their own async pool; everything else
-        # (admin, export, statistics, sign-in, background follow-ups) uses the engine from the threadpool.
-        app.state.pool = await open_async_pool(settings.database_url, settings.db_pool_size, settings.db_max_overflow)
         try:
             yield
         finally:
-            await app.state.pool.close()
             engine.dispose()
 
     app = FastAPI(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from psycopg import AsyncConnection, Cursor
+from psycopg import Cursor
 from sqlalchemy import Connection
 
 # --------------------------------------------------------------------------------------------------------
@@ -101,19 +101,14 @@ def enqueue_honeypots(conn: Connection, honeypots: Sequence[dict[str, Any]]) -> 
 # real expiry, which chunk submissions extend, has passed too), then queued pairs by tier and priority.
 # Both lock with SKIP LOCKED so concurrent claimers never wait on each other and never get the same row.
 # The answer is sorted by pair_id, so the honeypots' position says nothing.
-# The caller is authenticated inside the same statement (the ``tok``/``who`` CTEs, see PRINCIPAL_BY_TOKEN):
-# one round trip and one commit per request, and nothing is claimed unless the caller may claim.
-_CLAIM_TEMPLATE = """
-WITH {principal},
-async_commit AS (
+CLAIM_SQL = """
+WITH async_commit AS (
     -- A claim lost in a database crash costs nothing: its pairs are simply still claimable and a label
     -- sent for the lost batch is refused, so this commit need not wait for the WAL flush.
     SELECT set_config('synchronous_commit', 'off', true) AS s
 ), m AS (
     SELECT max(tier) AS tier FROM model
     WHERE backend = %(backend)s AND model_id = %(model_id)s AND quantization = %(quantization)s AND admitted
-      -- a refused caller (unknown token, banned, rate-limited, batch too large) claims nothing
-      AND (SELECT allowed FROM who) AND %(size_ok)s
 ), hp_start AS (
     SELECT gen_random_uuid() AS u
 ), hp_pick AS (
@@ -123,38 +118,38 @@ async_commit AS (
         (SELECT h.pair_id FROM honeypot h
          WHERE h.pair_id >= (SELECT u FROM hp_start) AND (SELECT tier FROM m) IS NOT NULL
            AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
-                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = {cid})
+                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s)
            -- OFFSET 0 keeps this a per-honeypot probe of label's (pair_id, contributor_id) key: as an anti
            -- join the planner walked the whole label index, a cost that grew with every label stored.
-           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = {cid}
+           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = %(cid)s
                            OFFSET 0)
          ORDER BY h.pair_id LIMIT %(n)s)
         UNION ALL
         (SELECT h.pair_id FROM honeypot h
          WHERE h.pair_id < (SELECT u FROM hp_start) AND (SELECT tier FROM m) IS NOT NULL
            AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
-                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = {cid})
+                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s)
            -- OFFSET 0 keeps this a per-honeypot probe of label's (pair_id, contributor_id) key: as an anti
            -- join the planner walked the whole label index, a cost that grew with every label stored.
-           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = {cid}
+           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = %(cid)s
                            OFFSET 0)
          ORDER BY h.pair_id LIMIT %(n)s)
     ) wrapped
     -- randomized rounding keeps the expected share exact for any batch size; one slot stays ordinary
-    LIMIT least(floor(%(n)s * (SELECT hp_fraction FROM who) + random())::int, %(n)s - 1)
+    LIMIT least(floor(%(hp_expected)s + random())::int, %(n)s - 1)
 ), exp AS (
     SELECT p.pair_id, p.ctid AS tid FROM pair p
     WHERE p.state = 'leased' AND p.lease_expires_at < now() AND p.tier <= (SELECT tier FROM m)
       AND NOT EXISTS (SELECT 1 FROM batch b WHERE b.batch_id = p.lease_batch_id
                       AND b.expires_at > now() AND b.released_at IS NULL)
-      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = p.pair_id AND l.contributor_id = {cid})
+      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = p.pair_id AND l.contributor_id = %(cid)s)
     ORDER BY p.lease_expires_at
     LIMIT %(n)s - (SELECT count(*) FROM hp_pick)
     FOR UPDATE OF p SKIP LOCKED
 ), fresh AS (
     SELECT p.pair_id, p.ctid AS tid FROM pair p
     WHERE p.state = 'queued' AND p.tier <= (SELECT tier FROM m)
-      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = p.pair_id AND l.contributor_id = {cid})
+      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = p.pair_id AND l.contributor_id = %(cid)s)
     ORDER BY p.tier DESC, p.priority DESC
     LIMIT greatest(%(n)s - (SELECT count(*) FROM hp_pick) - (SELECT count(*) FROM exp), 0)
     FOR UPDATE OF p SKIP LOCKED
@@ -167,13 +162,13 @@ async_commit AS (
     -- Two concurrent claims of one contributor may draw the same honeypot; the later one leaves it out
     -- (handing it out unrecorded would make its label a tell-tale refusal).
     INSERT INTO batch_honeypot (batch_id, pair_id, contributor_id)
-    SELECT %(bid)s, pair_id, {cid} FROM hp
+    SELECT %(bid)s, pair_id, %(cid)s FROM hp
     ON CONFLICT (pair_id, contributor_id) DO NOTHING
     RETURNING pair_id
 ), nb AS (
     INSERT INTO batch (batch_id, contributor_id, backend, model_id, quantization, annotator_version, tier,
                        size, n_honeypots, expires_at)
-    SELECT %(bid)s, {cid}, %(backend)s, %(model_id)s, %(quantization)s, %(annotator_version)s,
+    SELECT %(bid)s, %(cid)s, %(backend)s, %(model_id)s, %(quantization)s, %(annotator_version)s,
            (SELECT tier FROM m), (SELECT count(*) FROM picked), (SELECT count(*) FROM hpi),
            now() + make_interval(secs => %(lease)s)
     WHERE EXISTS (SELECT 1 FROM picked)
@@ -186,136 +181,54 @@ async_commit AS (
     WHERE p.ctid = ANY(ARRAY(SELECT tid FROM picked))
     RETURNING p.pair_id
 )
-SELECT {principal_columns},
-       (SELECT tier FROM m) AS tier,
-       (SELECT s FROM async_commit) AS s,
-       -- The response body, rendered by PostgreSQL in the same pass: the API worker passes the text on
-       -- instead of building, validating and re-serializing hundreds of Python objects per claim.
-       CASE WHEN (SELECT tier FROM m) IS NOT NULL THEN json_build_object(
-           'batch_id', %(bid)s::uuid,
-           'lease_expires_at', to_char(coalesce((SELECT expires_at FROM nb),
-                                                now() + make_interval(secs => %(lease)s)) AT TIME ZONE 'UTC',
-                                       'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-           'pairs', coalesce((
-               SELECT json_agg(json_build_object('pair_id', c.pair_id, 'query', c.query, 'document', c.document)
-                               ORDER BY c.pair_id)
-               FROM pair_content c
-               WHERE c.pair_id = ANY(ARRAY(SELECT pair_id FROM leased UNION ALL SELECT pair_id FROM hpi))
-           ), '[]'::json)
-       )::text END AS body
-FROM (SELECT 1) one LEFT JOIN tok ON true
+SELECT h.tier, h.expires_at, c.pair_id, c.query, c.document
+FROM (SELECT (SELECT tier FROM m) AS tier,
+             coalesce((SELECT expires_at FROM nb), now() + make_interval(secs => %(lease)s)) AS expires_at,
+             (SELECT s FROM async_commit) AS s) h
+LEFT JOIN pair_content c
+    ON c.pair_id = ANY(ARRAY(SELECT pair_id FROM leased UNION ALL SELECT pair_id FROM hpi))
+ORDER BY c.pair_id
 """
-
-# A caller's token is checked and counted against its per-minute limit by the first CTE of the claim and
-# submit statements. Columns of ``tok``: id, login, admin bit, trusted, good standing, banned, requests in
-# this minute, seconds until the next minute.
-PRINCIPAL_BY_TOKEN = """
-tok AS (
-    UPDATE api_token t SET
-        rl_count = CASE WHEN t.rl_window = w.w THEN t.rl_count + 1 ELSE 1 END,
-        rl_window = w.w,
-        last_used_at = now()
-    FROM contributor c, (SELECT floor(extract(epoch FROM now()) / 60)::bigint AS w) w
-    WHERE t.token_hash = %(token_hash)s AND t.revoked_at IS NULL AND c.id = t.contributor_id
-    RETURNING c.id AS cid, c.login, t.is_admin, c.trusted, c.good_standing, c.banned, t.rl_count,
-              60 - floor(extract(epoch FROM now()))::bigint %% 60 AS retry_after
-), who AS (
-    SELECT cid,
-           NOT banned AND rl_count <= CASE WHEN is_admin THEN %(admin_limit)s ELSE %(limit)s END AS allowed,
-           -- new and low-reputation contributors get honeypot-heavy batches until they have earned trust
-           CASE WHEN trusted THEN %(hp_fraction)s ELSE %(hp_fraction_untrusted)s END AS hp_fraction
-    FROM tok
-)"""
-
-# The same statements for a contributor known by id (the caller was resolved earlier in the transaction):
-# no token, no rate-limit count.
-PRINCIPAL_BY_ID = """
-tok AS (
-    SELECT c.id AS cid, c.login, c.is_admin, c.trusted, c.good_standing, c.banned, 0 AS rl_count,
-           0::bigint AS retry_after
-    FROM contributor c WHERE c.id = %(cid)s
-), who AS (
-    SELECT cid, NOT banned AS allowed,
-           CASE WHEN trusted THEN %(hp_fraction)s ELSE %(hp_fraction_untrusted)s END AS hp_fraction
-    FROM tok
-)"""
-
-PRINCIPAL_COLUMNS = (
-    "tok.cid, tok.login, tok.is_admin, tok.trusted, tok.good_standing, tok.banned, tok.rl_count, tok.retry_after"
-)
-N_PRINCIPAL_COLUMNS = 8
-
-
-def _statement(template: str, principal: str) -> str:
-    return template.format(principal=principal, cid="(SELECT cid FROM who)", principal_columns=PRINCIPAL_COLUMNS)
-
-
-CLAIM_SQL = _statement(_CLAIM_TEMPLATE, PRINCIPAL_BY_TOKEN)
-CLAIM_BY_ID_SQL = _statement(_CLAIM_TEMPLATE, PRINCIPAL_BY_ID)
 
 
 @dataclass
 class ClaimResult:
-    """``principal``: the caller's row (PRINCIPAL_COLUMNS; all None for an unknown token). ``body``: the
-    response as JSON text, None when the model is not admitted or the caller was refused."""
-
-    principal: tuple[Any, ...]
     admitted: bool
-    body: str | None
+    batch_id: uuid.UUID
+    expires_at: datetime
+    pairs: list[dict[str, Any]] = field(default_factory=list)
 
 
-def claim_params(
+def claim(
+    cur: Cursor[Any],
+    contributor_id: int,
     size: int,
     model: dict[str, str],
     lease_seconds: int,
     honeypot_fraction: float,
-    honeypot_fraction_untrusted: float,
-    size_ok: bool = True,
-    token_hash: str | None = None,
-    contributor_id: int | None = None,
-    rate_limit: int = 0,
-    admin_rate_limit: int = 0,
-) -> dict[str, Any]:
-    """Parameters of CLAIM_SQL (``token_hash`` and the limits) or CLAIM_BY_ID_SQL (``contributor_id``)."""
-
-    def clamp(f: float) -> float:
-        return min(max(f, 0.0), 0.9)
-
-    return {
-        "token_hash": token_hash,
-        "cid": contributor_id,
-        "limit": rate_limit,
-        "admin_limit": admin_rate_limit,
-        "size_ok": size_ok,
-        "backend": model["backend"],
-        "model_id": model["model_id"],
-        "quantization": model["quantization"],
-        "annotator_version": model.get("annotator_version", ""),
-        "n": size,
-        "hp_fraction": clamp(honeypot_fraction),
-        "hp_fraction_untrusted": clamp(honeypot_fraction_untrusted),
-        "bid": uuid.uuid4(),
-        "lease": float(lease_seconds),
-    }
-
-
-def claim_result(row: Sequence[Any]) -> ClaimResult:
-    k = N_PRINCIPAL_COLUMNS
-    return ClaimResult(principal=tuple(row[:k]), admitted=row[k] is not None, body=row[k + 2])
-
-
-def claim(cur: Cursor[Any], params: dict[str, Any], by_id: bool = False) -> ClaimResult:
-    """Lease up to ``size`` pairs (honeypots included) to the caller in one statement."""
-    row = cur.execute(CLAIM_BY_ID_SQL if by_id else CLAIM_SQL, params).fetchone()
-    assert row is not None
-    return claim_result(row)
-
-
-async def claim_async(conn: AsyncConnection[Any], params: dict[str, Any]) -> ClaimResult:
-    cur = await conn.execute(CLAIM_SQL, params)
-    row = await cur.fetchone()
-    assert row is not None
-    return claim_result(row)
+) -> ClaimResult:
+    """Lease up to ``size`` pairs (honeypots included) to the contributor in one statement."""
+    batch_id = uuid.uuid4()
+    fraction = min(max(honeypot_fraction, 0.0), 0.9)
+    rows = cur.execute(
+        CLAIM_SQL,
+        {
+            "backend": model["backend"],
+            "model_id": model["model_id"],
+            "quantization": model["quantization"],
+            "annotator_version": model.get("annotator_version", ""),
+            "cid": contributor_id,
+            "n": size,
+            "hp_expected": size * fraction,
+            "bid": batch_id,
+            "lease": float(lease_seconds),
+        },
+    ).fetchall()
+    tier = rows[0][0]
+    if tier is None:
+        return ClaimResult(admitted=False, batch_id=batch_id, expires_at=rows[0][1])
+    pairs = [{"pair_id": r[2], "query": r[3], "document": r[4]} for r in rows if r[2] is not None]
+    return ClaimResult(admitted=True, batch_id=batch_id, expires_at=rows[0][1], pairs=pairs)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -325,11 +238,10 @@ async def claim_async(conn: AsyncConnection[Any], params: dict[str, Any]) -> Cla
 # leased to this batch (ordinary) or handed out with it (honeypot), or neither (refused: the whole chunk
 # is rejected, nothing is written). Accepted labels of ordinary pairs end the pair's lease and move its
 # verification forward through kombinat_next(); the batch's lease is extended.
-_SUBMIT_TEMPLATE = """
-WITH {principal},
-durable AS (
+SUBMIT_SQL = """
+WITH durable AS (
     -- Labels are acknowledged to the annotator, which then forgets them: this commit waits for the WAL
-    -- flush even if an earlier token check in the same transaction turned synchronous commit off.
+    -- flush even if the same transaction's token check turned synchronous commit off.
     SELECT set_config('synchronous_commit', 'on', true) AS s
 ), inp AS (
     SELECT * FROM json_to_recordset(%(labels)s::json)
@@ -340,9 +252,9 @@ durable AS (
     FROM batch WHERE batch_id = %(bid)s
     FOR UPDATE
 ), me AS (
-    SELECT good_standing FROM contributor WHERE id = {cid}
+    SELECT good_standing FROM contributor WHERE id = %(cid)s
 ), dup AS (
-    SELECT l.pair_id FROM label l JOIN inp USING (pair_id) WHERE l.contributor_id = {cid}
+    SELECT l.pair_id FROM label l JOIN inp USING (pair_id) WHERE l.contributor_id = %(cid)s
 ), own_p AS (
     SELECT p.pair_id FROM pair p JOIN inp USING (pair_id)
     WHERE p.lease_batch_id = %(bid)s AND NOT EXISTS (SELECT 1 FROM dup WHERE dup.pair_id = p.pair_id)
@@ -358,13 +270,11 @@ durable AS (
            (SELECT contributor_id FROM b) AS owner,
            coalesce((SELECT live FROM b), false) AS live
 ), ok AS (
-    SELECT owner = {cid} AND n_own + n_dup = n_in AND (live OR n_own = 0)
-           -- a refused caller (unknown token, banned, rate-limited, chunk too large) writes nothing
-           AND coalesce((SELECT allowed FROM who), false) AND %(size_ok)s AS ok FROM chk
+    SELECT owner = %(cid)s AND n_own + n_dup = n_in AND (live OR n_own = 0) AS ok FROM chk
 ), ins AS (
     INSERT INTO label (pair_id, contributor_id, batch_id, relevant, p_relevant, grade, truncated, seconds,
                        backend, model_id, quantization, annotator_version, tier, is_honeypot, quarantined)
-    SELECT i.pair_id, {cid}, %(bid)s, i.relevant, i.p_relevant, i.grade, coalesce(i.truncated, false),
+    SELECT i.pair_id, %(cid)s, %(bid)s, i.relevant, i.p_relevant, i.grade, coalesce(i.truncated, false),
            coalesce(i.seconds, 0),
            %(backend)s, %(model_id)s, %(quantization)s, %(annotator_version)s,
            (SELECT tier FROM b), o.is_honeypot, (SELECT quarantined FROM b)
@@ -399,39 +309,17 @@ durable AS (
                      n_labeled = n_labeled + (SELECT count(*) FROM ins)
     WHERE batch_id = %(bid)s AND (SELECT ok FROM ok) AND (SELECT live FROM chk)
     RETURNING expires_at, n_labeled, size + n_honeypots AS total
-), hp_now AS (
-    SELECT count(*) AS answered, count(*) FILTER (WHERE i.relevant = h.relevant) AS correct
-    FROM ins i JOIN honeypot h USING (pair_id) WHERE i.is_honeypot
 )
-SELECT {principal_columns},
-       chk.n_in, chk.n_dup, chk.n_own, chk.owner, chk.live, ok.ok,
+SELECT chk.n_in, chk.n_dup, chk.n_own, chk.owner, chk.live, ok.ok,
        (SELECT count(*) FROM ins) AS accepted,
        (SELECT count(*) FROM ins WHERE is_honeypot) AS honeypots,
        coalesce((SELECT expires_at FROM bu), (SELECT expires_at FROM b)) AS expires_at,
        (SELECT n_labeled FROM bu) AS n_labeled,
        (SELECT total FROM bu) AS total,
        (SELECT array_agg(pair_id) FROM upd WHERE status = 'escalated') AS escalated,
-       (SELECT s FROM durable) AS durable,
-       -- The batch's honeypot verdict after this chunk (check_batch_honeypots' rule, with this chunk's answers
-       -- added to what the snapshot holds): true once its accuracy can no longer reach the minimum, so the
-       -- follow-up that quarantines it runs only then, not after every chunk that carries a honeypot.
-       CASE WHEN (SELECT answered FROM hp_now) > 0 AND NOT (SELECT quarantined FROM b) THEN (
-           SELECT e.expected > 0
-                  AND (e.expected - (a.answered - a.correct))::float8 / e.expected < %(hp_min_accuracy)s
-           FROM (SELECT count(*) AS expected FROM batch_honeypot bh
-                 WHERE bh.batch_id = %(bid)s
-                   AND (NOT bh.released OR EXISTS (SELECT 1 FROM label l WHERE l.batch_id = %(bid)s
-                                                                          AND l.pair_id = bh.pair_id))) e,
-                (SELECT count(*) + (SELECT answered FROM hp_now) AS answered,
-                        count(*) FILTER (WHERE l.relevant = h.relevant) + (SELECT correct FROM hp_now) AS correct
-                 FROM label l JOIN honeypot h ON h.pair_id = l.pair_id
-                 WHERE l.batch_id = %(bid)s AND l.is_honeypot) a
-       ) ELSE false END AS hp_doomed
-FROM chk CROSS JOIN ok LEFT JOIN tok ON true
+       (SELECT s FROM durable) AS durable
+FROM chk, ok
 """
-
-SUBMIT_SQL = _statement(_SUBMIT_TEMPLATE, PRINCIPAL_BY_TOKEN)
-SUBMIT_BY_ID_SQL = _statement(_SUBMIT_TEMPLATE, PRINCIPAL_BY_ID)
 
 
 @dataclass
@@ -443,76 +331,6 @@ class SubmitResult:
     honeypots: int = 0
     batch_complete: bool = False
     escalated: list[uuid.UUID] = field(default_factory=list)
-    # the batch's honeypot accuracy can no longer reach the minimum: it must be quarantined
-    honeypots_failed: bool = False
-    # the caller's row (PRINCIPAL_COLUMNS; all None for an unknown token)
-    principal: tuple[Any, ...] = ()
-
-
-def submit_params(
-    batch_id: uuid.UUID,
-    labels_json: str,
-    model: dict[str, str],
-    lease_seconds: int,
-    min_agreement: float,
-    max_labels_per_tier: int,
-    max_tier: int,
-    size_ok: bool = True,
-    token_hash: str | None = None,
-    contributor_id: int | None = None,
-    rate_limit: int = 0,
-    admin_rate_limit: int = 0,
-    honeypot_min_accuracy: float = 0.9,
-) -> dict[str, Any]:
-    """Parameters of SUBMIT_SQL (``token_hash`` and the limits) or SUBMIT_BY_ID_SQL (``contributor_id``).
-    ``labels_json``: a JSON array of {pair_id, relevant, p_relevant, grade, truncated, seconds}."""
-    return {
-        "token_hash": token_hash,
-        "cid": contributor_id,
-        "limit": rate_limit,
-        "admin_limit": admin_rate_limit,
-        "hp_fraction": 0.0,
-        "hp_fraction_untrusted": 0.0,
-        "size_ok": size_ok,
-        "labels": labels_json,
-        "bid": batch_id,
-        "backend": model["backend"],
-        "model_id": model["model_id"],
-        "quantization": model["quantization"],
-        "annotator_version": model.get("annotator_version", ""),
-        "lease": float(lease_seconds),
-        "min_agree": float(min_agreement),
-        "max_per_tier": int(max_labels_per_tier),
-        "max_tier": int(max_tier),
-        "hp_min_accuracy": float(honeypot_min_accuracy),
-    }
-
-
-def submit_result(row: Sequence[Any]) -> SubmitResult:
-    k = N_PRINCIPAL_COLUMNS
-    principal = tuple(row[:k])
-    contributor_id = principal[0]
-    n_dup, owner, live, ok = row[k + 1], row[k + 3], row[k + 4], row[k + 5]
-    if owner is None:
-        return SubmitResult("not_found", principal=principal)
-    if owner != contributor_id:
-        return SubmitResult("forbidden", principal=principal)
-    if not ok:
-        # Pairs that are not in the lease: with a live batch that is the caller's error; with a dead one
-        # the lease ran out (or was released) and its pairs may already belong to someone else.
-        return SubmitResult("expired" if not live else "foreign", duplicates=n_dup, principal=principal)
-    accepted, n_labeled, total = row[k + 6], row[k + 9], row[k + 10]
-    return SubmitResult(
-        "ok",
-        accepted=int(accepted),
-        duplicates=int(n_dup),
-        expires_at=row[k + 8],
-        honeypots=int(row[k + 7]),
-        batch_complete=n_labeled is not None and total is not None and n_labeled >= total and accepted > 0,
-        escalated=list(row[k + 11] or []),
-        honeypots_failed=bool(row[k + 13]),
-        principal=principal,
-    )
 
 
 def submit(
@@ -526,22 +344,42 @@ def submit(
     max_labels_per_tier: int,
     max_tier: int,
 ) -> SubmitResult:
-    """Submit a chunk for a contributor known by id, in the caller's transaction."""
-    params = submit_params(
-        batch_id, labels_json, model, lease_seconds, min_agreement, max_labels_per_tier, max_tier,
-        contributor_id=contributor_id,
-    )  # fmt: skip
-    row = cur.execute(SUBMIT_BY_ID_SQL, params).fetchone()
+    """``labels_json``: a JSON array of {pair_id, relevant, p_relevant, grade, truncated, seconds}."""
+    row = cur.execute(
+        SUBMIT_SQL,
+        {
+            "labels": labels_json,
+            "bid": batch_id,
+            "cid": contributor_id,
+            "backend": model["backend"],
+            "model_id": model["model_id"],
+            "quantization": model["quantization"],
+            "annotator_version": model.get("annotator_version", ""),
+            "lease": float(lease_seconds),
+            "min_agree": float(min_agreement),
+            "max_per_tier": int(max_labels_per_tier),
+            "max_tier": int(max_tier),
+        },
+    ).fetchone()
     assert row is not None
-    return submit_result(row)
-
-
-async def submit_async(conn: AsyncConnection[Any], params: dict[str, Any]) -> SubmitResult:
-    """Authenticate (token hash in ``params``) and submit in one statement on an autocommit connection."""
-    cur = await conn.execute(SUBMIT_SQL, params)
-    row = await cur.fetchone()
-    assert row is not None
-    return submit_result(row)
+    n_dup, owner, live, ok = row[1], row[3], row[4], row[5]
+    if owner is None:
+        return SubmitResult("not_found")
+    if owner != contributor_id:
+        return SubmitResult("forbidden")
+    if not ok:
+        # Pairs that are not in the lease: with a live batch that is the caller's error; with a dead one
+        # the lease ran out (or was released) and its pairs may already belong to someone else.
+        return SubmitResult("expired" if not live else "foreign", duplicates=n_dup)
+    return SubmitResult(
+        "ok",
+        accepted=int(row[6]),
+        duplicates=int(n_dup),
+        expires_at=row[8],
+        honeypots=int(row[7]),
+        batch_complete=row[9] is not None and row[10] is not None and row[9] >= row[10] and row[6] > 0,
+        escalated=list(row[11] or []),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Engine
 
 from kombinat_api.settings import Settings
@@ -18,10 +17,6 @@ def settings_of(request: Request) -> Settings:
 
 def engine_of(request: Request) -> Engine:
     return request.app.state.engine
-
-
-def pool_of(request: Request) -> AsyncConnectionPool[Any]:
-    return request.app.state.pool
 
 
 def limit_error(loc: tuple[str, ...], value: Any, maximum: int, what: str) -> RequestValidationError:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import uuid
-from datetime import UTC, datetime
 
-from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request, status
 from pydantic import TypeAdapter
 
 from kombinat_api import queue, trust
-from kombinat_api.auth import hash_token, principal_from_row, principal_in, token_of
+from kombinat_api.auth import Principal, principal_in, token_of
 from kombinat_api.db import transaction
-from kombinat_api.routes.deps import engine_of, limit_error, pool_of, settings_of
+from kombinat_api.routes.deps import engine_of, limit_error, settings_of
 from kombinat_api.schemas import (
     ClaimRequest,
     ClaimResponse,
@@ -27,85 +25,71 @@ router = APIRouter(prefix="/api/v1/batches", tags=["work"])
 _LABELS = TypeAdapter(list[LabelIn])
 
 
-# The hot endpoints are coroutines: each is one statement on an autocommit connection of the async pool that
-# checks the token, counts it against the rate limit and does the work (queue.CLAIM_SQL, queue.SUBMIT_SQL).
-# No thread hop, one round trip, one commit. The responses are written as JSON directly (the claim's by
-# PostgreSQL); ``response_model`` stays in the decorators for the OpenAPI schema.
-
-
-def _iso(ts: datetime | None) -> str | None:
-    return None if ts is None else ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+# The hot endpoints resolve the caller inside their own transaction: token check, rate-limit count and the
+# operation share one pooled connection, one thread hop and one commit.
 
 
 @router.post("/claim", response_model=ClaimResponse)
-async def claim_batch(body: ClaimRequest, request: Request, token: str = Depends(token_of)) -> Response:
+def claim_batch(body: ClaimRequest, request: Request, token: str = Depends(token_of)) -> ClaimResponse:
     settings = settings_of(request)
-    size_ok = body.size <= settings.max_batch_size
-    params = queue.claim_params(
-        body.size,
-        body.model.model_dump(),
-        settings.lease_seconds,
-        settings.honeypot_fraction,
-        settings.honeypot_fraction_untrusted,
-        size_ok=size_ok,
-        token_hash=hash_token(token),
-        rate_limit=settings.rate_limit_per_minute,
-        admin_rate_limit=settings.admin_rate_limit_per_minute,
-    )
-    async with pool_of(request).connection() as conn:
-        result = await queue.claim_async(conn, params)
-    # The statement claimed nothing unless all of these hold; they are reported in this order.
-    principal_from_row(result.principal, token, settings.rate_limit_per_minute, settings.admin_rate_limit_per_minute)
-    if not size_ok:
-        raise limit_error(("body", "size"), body.size, settings.max_batch_size, "batch size")
-    if not result.admitted or result.body is None:
+    with transaction(engine_of(request)) as cur:
+        principal = principal_in(cur, request, token)
+        if body.size > settings.max_batch_size:
+            raise limit_error(("body", "size"), body.size, settings.max_batch_size, "batch size")
+        # New and low-reputation contributors get honeypot-heavy batches until they have earned trust.
+        fraction = settings.honeypot_fraction if principal.trusted else settings.honeypot_fraction_untrusted
+        result = queue.claim(
+            cur,
+            principal.contributor_id,
+            body.size,
+            body.model.model_dump(),
+            settings.lease_seconds,
+            fraction,
+        )
+    if not result.admitted:
         m = body.model
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             detail=f"Model {m.backend}/{m.model_id}/{m.quantization} is not admitted; "
             "GET /api/v1/models lists the admitted ones.",
         )
-    return Response(result.body, media_type="application/json")
+    return ClaimResponse(batch_id=result.batch_id, lease_expires_at=result.expires_at, pairs=result.pairs)
 
 
 @router.post("/{batch_id}/labels", response_model=SubmitResponse)
-async def submit_labels(
+def submit_labels(
     batch_id: uuid.UUID,
     body: LabelChunk,
     request: Request,
     background: BackgroundTasks,
     token: str = Depends(token_of),
-) -> Response:
+) -> SubmitResponse:
     settings = settings_of(request)
-    size_ok = len(body.labels) <= settings.max_labels_per_chunk
-    params = queue.submit_params(
-        batch_id,
-        _LABELS.dump_json(body.labels).decode(),
-        body.model.model_dump(),
-        settings.lease_seconds,
-        settings.verify_min_agreement,
-        settings.max_labels_per_tier,
-        settings.max_tier,
-        size_ok=size_ok,
-        token_hash=hash_token(token),
-        rate_limit=settings.rate_limit_per_minute,
-        admin_rate_limit=settings.admin_rate_limit_per_minute,
-        honeypot_min_accuracy=settings.honeypot_min_accuracy,
-    )
-    pool = pool_of(request)
+    labels_json = _LABELS.dump_json(body.labels).decode()
+    engine = engine_of(request)
     result = queue.SubmitResult("foreign")
+    principal: Principal | None = None
     # A refusal can be a stale snapshot: a retry of this very chunk that waited on the batch lock while the
-    # first attempt committed. One fresh attempt tells a real refusal from that race (it counts as a second
-    # request against the rate limit, which only this rare race pays).
+    # first attempt committed. One fresh attempt tells a real refusal from that race.
     for _attempt in range(2):
-        async with pool.connection() as conn:
-            result = await queue.submit_async(conn, params)
-        # The statement wrote nothing unless all of these hold; they are reported in this order.
-        principal = principal_from_row(
-            result.principal, token, settings.rate_limit_per_minute, settings.admin_rate_limit_per_minute
-        )
-        if not size_ok:
-            raise limit_error(("body", "labels"), len(body.labels), settings.max_labels_per_chunk, "chunk of labels")
+        with transaction(engine) as cur:
+            if principal is None:
+                principal = principal_in(cur, request, token)
+                if len(body.labels) > settings.max_labels_per_chunk:
+                    raise limit_error(
+                        ("body", "labels"), len(body.labels), settings.max_labels_per_chunk, "chunk of labels"
+                    )
+            result = queue.submit(
+                cur,
+                principal.contributor_id,
+                batch_id,
+                labels_json,
+                body.model.model_dump(),
+                settings.lease_seconds,
+                settings.verify_min_agreement,
+                settings.max_labels_per_tier,
+                settings.max_tier,
+            )
         if result.outcome != "foreign":
             break
     if result.outcome == "not_found":
@@ -122,21 +106,18 @@ async def submit_labels(
             status.HTTP_403_FORBIDDEN,
             detail="Some labels are for pairs outside this batch's live lease; the chunk was rejected whole.",
         )
-    # Follow-up work only where there is some: a failed honeypot verdict (quarantine), a completed batch
-    # (final honeypot check, reputation refresh) or escalated pairs.
-    if result.honeypots_failed or result.batch_complete or result.escalated:
+    if result.honeypots or result.batch_complete or result.escalated:
         background.add_task(
             trust.after_submit,
-            engine_of(request),
+            engine,
             batch_id,
             principal.contributor_id,
-            result.honeypots_failed,
+            result.honeypots > 0,
             result.batch_complete,
             result.escalated,
             settings,
         )
-    answer = {"accepted": result.accepted, "duplicates": result.duplicates, "lease_expires_at": _iso(result.expires_at)}
-    return Response(json.dumps(answer), media_type="application/json")
+    return SubmitResponse(accepted=result.accepted, duplicates=result.duplicates, lease_expires_at=result.expires_at)
 
 
 @router.post("/{batch_id}/release", response_model=ReleaseResponse)

@@ -74,7 +74,14 @@ def evaluate(model_dir: Path, beir: BeirDataset, batch_size: int = 64, precision
 
 
 def verify_by_agreement(
-    candidates: Path, source: Path, models: list[Path], n_queries: int, per_query: int, out: Path, seed: int = 0
+    candidates: Path,
+    source: Path,
+    models: list[Path],
+    n_queries: int,
+    per_query: int,
+    out: Path,
+    seed: int = 0,
+    threads: int | None = None,
 ) -> dict[str, float]:
     """Label the top candidates of n random titles with every model; write the pairs they all agree on as a
     verified export file (the columns the training-set builder reads). Returns counts and timings."""
@@ -99,10 +106,12 @@ def verify_by_agreement(
     stats: dict[str, float] = {"labeled_pairs": len(pairs)}
     for model in models:
         t0 = time.perf_counter()
-        backend = LlamaCppBackend(model, n_ctx=1024, max_document_tokens=512)
-        for score in backend.score_pairs(order_pairs(pairs)):
+        backend = LlamaCppBackend(model, n_ctx=1024, max_document_tokens=384, n_threads=threads)
+        for done, score in enumerate(backend.score_pairs(order_pairs(pairs)), start=1):
             verdicts[score.pair_id].append(score.p_relevant >= 0.5)
             probabilities[score.pair_id].append(score.p_relevant)
+            if done % 20 == 0:
+                print(f"  {model.name}: {done}/{len(pairs)} pairs, {time.perf_counter() - t0:.0f} s", flush=True)
         backend.close()
         seconds = time.perf_counter() - t0
         stats[f"{model.stem}_pairs_per_s"] = round(len(pairs) / seconds, 2)
@@ -127,7 +136,13 @@ def verify_by_agreement(
 
 
 def build_training_set(
-    data_dir: Path, top_k: int, work: Path, label_models: list[Path], label_queries: int, label_candidates: int
+    data_dir: Path,
+    top_k: int,
+    work: Path,
+    label_models: list[Path],
+    label_queries: int,
+    label_candidates: int,
+    label_threads: int | None = None,
 ) -> tuple[TrainingSet, dict[str, float]]:
     import bm25s
     import polars as pl
@@ -163,7 +178,9 @@ def build_training_set(
     if not label_models:
         return build([source], [], [candidates]), {}
     verified = work / "verified.parquet"
-    stats = verify_by_agreement(candidates, source, label_models, label_queries, label_candidates, verified)
+    stats = verify_by_agreement(
+        candidates, source, label_models, label_queries, label_candidates, verified, threads=label_threads
+    )
     return build([source], [verified], [candidates]), stats
 
 
@@ -185,6 +202,9 @@ def main() -> None:
     )
     parser.add_argument("--label-queries", type=int, default=200, help="titles whose candidates get labeled")
     parser.add_argument("--label-candidates", type=int, default=2, help="top candidates labeled per such title")
+    parser.add_argument(
+        "--label-threads", type=int, default=None, help="llama.cpp threads (default: every core; 1 on a busy machine)"
+    )
     parser.add_argument("--out", default=None, help="keep the trained models here (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -208,7 +228,13 @@ def main() -> None:
     if missing:
         parser.error(f"labeling models not found: {', '.join(missing)} (run `make models`, or pass --label-models '')")
     data, label_stats = build_training_set(
-        Path(args.data_dir) / "scifact", args.top_k, work, label_models, args.label_queries, args.label_candidates
+        Path(args.data_dir) / "scifact",
+        args.top_k,
+        work,
+        label_models,
+        args.label_queries,
+        args.label_candidates,
+        args.label_threads,
     )
     print(f"verification: {label_stats}", flush=True)
     print(f"training set: {data.counts}", flush=True)

@@ -238,7 +238,8 @@ def test_the_loop_end_to_end(
             instance=postgres_instance, resources=sensor_resources, cursor=to_export.cursor
         ) as context:
             waiting = retrain_sensor(context)
-        assert waiting.run_requests == [] and MIRROR_SPLIT in (waiting.skip_reason or "")
+        assert waiting.run_requests == [] and waiting.skip_reason is not None
+        assert MIRROR_SPLIT in (waiting.skip_reason.skip_message or "")
 
         # snapshot and export
         labeled = materialize([labeled_pairs], partition_key=KEY)

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(_here))
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import gc  # noqa: E402
 import hashlib  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
@@ -221,7 +222,9 @@ async def _annotate(
                 stats.sent.add((p["pair_id"], cid))
 
 
-def bare_ceiling(database_url: str, n_pairs: int, batch_size: int, threads: int, seconds: float) -> dict[str, Any]:
+def bare_ceiling(
+    database_url: str, n_pairs: int, batch_size: int, threads: int, seconds: float, prepare_threshold: int | None
+) -> dict[str, Any]:
     """The claim and submit statements straight through psycopg: no HTTP, no FastAPI, no JSON."""
     dsn = database_url.replace("postgresql+psycopg://", "postgresql://")
     engine = make_engine(database_url, threads + 1, 0)
@@ -251,7 +254,8 @@ def bare_ceiling(database_url: str, n_pairs: int, batch_size: int, threads: int,
     deadline = time.perf_counter() + seconds
 
     def worker(cid: int) -> None:
-        with psycopg.connect(dsn, prepare_threshold=1) as conn:
+        # the server's own statement preparation, so the ceiling runs the same plans
+        with psycopg.connect(dsn, prepare_threshold=prepare_threshold) as conn:
             while time.perf_counter() < deadline:
                 bid = uuid.uuid4()
                 t0 = time.perf_counter()
@@ -322,6 +326,13 @@ def main() -> int:
         default=120.0,
         help="labels/s each simulated annotator produces (its model's speed); 0 = no labeling time (saturation)",
     )
+    ap.add_argument("--db-pool-size", type=int, default=12, help="database connections per uvicorn worker")
+    ap.add_argument("--db-max-overflow", type=int, default=4, help="extra connections a worker may open at peaks")
+    ap.add_argument(
+        "--db-prepare-threshold",
+        default="none",
+        help="psycopg prepare_threshold for the server and the ceiling ('none': never prepare, kombinat's default)",
+    )
     ap.add_argument("--keep-db", action="store_true")
     ap.add_argument("--json-out", default="")
     args = ap.parse_args()
@@ -335,7 +346,9 @@ def main() -> int:
         env = {
             "KOMBINAT_RATE_LIMIT_PER_MINUTE": "100000",
             "KOMBINAT_ADMIN_RATE_LIMIT_PER_MINUTE": "100000",
-            "KOMBINAT_DB_POOL_SIZE": "12",
+            "KOMBINAT_DB_POOL_SIZE": str(args.db_pool_size),
+            "KOMBINAT_DB_MAX_OVERFLOW": str(args.db_max_overflow),
+            "KOMBINAT_DB_PREPARE_THRESHOLD": args.db_prepare_threshold,
             "KOMBINAT_LEASE_SECONDS": "600",
         }
         proc, url = start_server(database_url, workers=args.workers, env=env)
@@ -407,7 +420,16 @@ def main() -> int:
         print(f"driving {args.annotators} annotators, batches of {args.batch_size}, chunks of {CHUNK} ...")
         server_pids = [proc.pid, *children(proc.pid)]
         cpu0 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), os.times().elapsed)
-        elapsed = asyncio.run(drive())
+        # The generator's bookkeeping (every lease and label, ~10^6 objects) makes each full collection of
+        # Python's cyclic GC a pause of a second or more, which stalls every request in flight at once and
+        # showed up as the slowest claims. Nothing it allocates forms cycles that need collecting.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        try:
+            elapsed = asyncio.run(drive())
+        finally:
+            gc.enable()
         cpu1 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), os.times().elapsed)
         wall = cpu1[2] - cpu0[2]
         cpu_share = {
@@ -475,6 +497,11 @@ def main() -> int:
             "batch_size": args.batch_size,
             "chunk": CHUNK,
             "uvicorn_workers": args.workers,
+            "db_pool": {
+                "size": args.db_pool_size,
+                "max_overflow": args.db_max_overflow,
+                "prepare_threshold": args.db_prepare_threshold,
+            },
             "elapsed_s": round(elapsed, 1),
             "labels_accepted": stats.accepted,
             "labels_per_s_mean": round(stats.accepted / elapsed, 1),
@@ -512,7 +539,12 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         print("measuring the bare claim/submit statements through psycopg (no HTTP) ...")
         ceiling = bare_ceiling(
-            database_url, args.ceiling_pairs, args.batch_size, args.ceiling_threads, args.ceiling_seconds
+            database_url,
+            args.ceiling_pairs,
+            args.batch_size,
+            args.ceiling_threads,
+            args.ceiling_seconds,
+            None if args.db_prepare_threshold.lower() == "none" else int(args.db_prepare_threshold),
         )
         result["ceiling_psycopg"] = ceiling
         print(json.dumps({"ceiling_psycopg": ceiling}, indent=2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +14,7 @@ from kombinat_api.db import make_engine
 from kombinat_api.limits import BodySizeLimit
 from kombinat_api.routes import admin, auth, models, public, work
 from kombinat_api.settings import Settings
+from kombinat_api.upkeep import run_upkeep
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -21,11 +24,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Each worker process owns one pool; nothing else lives in process memory that another replica
         # would need (leases, rate limits, tokens are all rows in PostgreSQL).
-        engine = make_engine(settings.database_url, settings.db_pool_size, settings.db_max_overflow)
+        engine = make_engine(
+            settings.database_url, settings.db_pool_size, settings.db_max_overflow, settings.db_prepare_threshold
+        )
         app.state.engine = engine
+        upkeep = (
+            asyncio.create_task(run_upkeep(settings.database_url, settings.upkeep_interval_s))
+            if settings.upkeep_interval_s > 0
+            else None
+        )
         try:
             yield
         finally:
+            if upkeep is not None:
+                upkeep.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await upkeep
             engine.dispose()
 
     app = FastAPI(

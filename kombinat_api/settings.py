@@ -9,12 +9,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Every knob of the server; one instance is built per process and passed to ``create_app``."""
 
-    model_config = SettingsConfigDict(env_prefix="KOMBINAT_", env_file=None, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="KOMBINAT_", env_file=None, extra="ignore", env_parse_none_str="none")
 
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/kombinat"
     # Each replica holds its own pool; the sum over replicas must stay under PostgreSQL's max_connections.
     db_pool_size: int = 8
     db_max_overflow: int = 4
+    # psycopg's prepare_threshold: executions of a statement before it is prepared on the server; none = never.
+    # Never is the default: prepared claim/submit statements drift to PostgreSQL's slower generic plans.
+    db_prepare_threshold: int | None = None
 
     # GitHub OAuth device flow. The client id of an OAuth App with device flow enabled (no secret needed).
     github_client_id: str = ""
@@ -58,3 +61,7 @@ class Settings(BaseSettings):
     device_rate_limit_per_minute: int = 60  # unauthenticated sign-in calls, per client address
 
     stats_window_hours: int = 1
+
+    # Each server process vacuums the queue's hot tables this often (kombinat_api/upkeep.py); 0 turns it off,
+    # for deployments that tune autovacuum for these tables themselves.
+    upkeep_interval_s: float = Field(default=20.0, ge=0.0)

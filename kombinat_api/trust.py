@@ -85,11 +85,15 @@ WITH lab AS (
            p.n_labels - (NOT l.quarantined AND l.tier >= p.tier AND c.good_standing)::int AS on_,
            p.n_relevant
                - (NOT l.quarantined AND l.tier >= p.tier AND c.good_standing AND l.relevant)::int AS or_
-    FROM label l
+    FROM batch b
+    -- One probe of label's batch index per batch of the contributor. OFFSET 0 keeps it that way: as a
+    -- plain join the planner hashed a sequential scan of every label (one refresh cost grew with the whole
+    -- table: 300+ ms at 150k labels).
+    CROSS JOIN LATERAL (SELECT * FROM label l WHERE l.batch_id = b.batch_id OFFSET 0) l
     JOIN contributor c ON c.id = l.contributor_id
     JOIN pair p ON p.pair_id = l.pair_id
     LEFT JOIN honeypot h ON h.pair_id = l.pair_id
-    WHERE l.batch_id IN (SELECT batch_id FROM batch WHERE contributor_id = %(cid)s)
+    WHERE b.contributor_id = %(cid)s
 )
 SELECT
     count(*) FILTER (WHERE is_honeypot) AS hp_total,

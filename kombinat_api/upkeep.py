@@ -1,0 +1,58 @@
+"""Queue upkeep: frequent VACUUM (ANALYZE) of the tables that claim and submit rewrite all the time.
+
+Every lease and every label rewrites a ``pair`` row, so the queue's indexes fill with entries of dead row
+versions that each claim walks past, and the planner's statistics go stale. Autovacuum's default thresholds
+(a fifth of a table changed) are far too lax for a queue, and some servers run with it off altogether. Each
+server process therefore vacuums these tables itself at a short interval. ``SKIP_LOCKED`` makes the
+processes of all replicas take turns without any coordination: a table another process is vacuuming right
+now is skipped, never waited for. VACUUM never blocks reads or writes of the rows it cleans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger("kombinat.upkeep")
+
+HOT_TABLES = ("pair", "batch", "batch_honeypot", "label", "contributor", "api_token", "rate_bucket")
+VACUUM_SQL = f"VACUUM (SKIP_LOCKED, ANALYZE) {', '.join(HOT_TABLES)}"
+
+
+def libpq_dsn(database_url: str) -> str:
+    """The SQLAlchemy URL as a libpq connection string (drops the ``+psycopg`` driver part)."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def vacuum_once(conn: psycopg.Connection) -> float:
+    """One pass over the hot tables on an autocommit connection; returns its seconds."""
+    started = time.perf_counter()
+    conn.execute(VACUUM_SQL)
+    return time.perf_counter() - started
+
+
+async def run_upkeep(database_url: str, interval_s: float) -> None:
+    """Vacuum every ``interval_s`` until cancelled. A failure is logged and retried at the next interval with
+    a fresh connection: upkeep must never take the server down."""
+    dsn = libpq_dsn(database_url)
+    conn: psycopg.Connection | None = None
+    try:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                if conn is None or conn.closed:
+                    conn = await asyncio.to_thread(psycopg.connect, dsn, autocommit=True)
+                seconds = await asyncio.to_thread(vacuum_once, conn)
+                log.debug("vacuumed %s in %.3f s", ", ".join(HOT_TABLES), seconds)
+            except psycopg.Error as exc:
+                log.warning("queue upkeep failed (retrying in %.0f s): %s", interval_s, exc)
+                if conn is not None:
+                    conn.close()
+                conn = None
+    finally:
+        if conn is not None:
+            conn.close()

@@ -47,6 +47,7 @@ class CheckpointConfig(dg.Config):
     label_smoothing: float = 0.0  # exact softmax only; the 2022 recipe uses 0.01
     hard_negatives_per_query: int = 1
     max_seq_length: int = 256
+    cache_precision: str = "fp32"  # "bf16": the frozen cache under CPU autocast (faster where AVX512-BF16 exists)
     splits: list[str] | None = None  # None: every split with a verified export up to this cycle
     max_queries: int | None = None
     mask_top_k: int | None = None  # mask unverified candidates ranked ≤ this; None: all of them
@@ -94,6 +95,7 @@ def checkpoint(
         label_smoothing=config.label_smoothing,
         hard_negatives_per_query=config.hard_negatives_per_query,
         max_seq_length=config.max_seq_length,
+        cache_precision=config.cache_precision,  # type: ignore[arg-type]
         seed=config.seed,
     )
     report = train_checkpoint(

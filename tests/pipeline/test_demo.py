@@ -75,6 +75,7 @@ def test_demo_runs_a_whole_cycle_on_embedded_postgres_and_resumes_without_duplic
             "batch_size": 16,
             "max_seq_length": 48,
             "track_objective": False,
+            "cache_precision": "bf16",
         },
         evaluation={"tasks": ["scifact"], "source": "local", "max_corpus": 100, "max_queries": 10},
         demo_dir=tmp_path / "demo",

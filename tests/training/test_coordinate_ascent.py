@@ -69,3 +69,16 @@ def test_checkpoint_loads_with_sentence_transformers_and_encodes(
     png = (out / "loss_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert not (out / "query_model").exists()  # shared towers: one model
+
+
+def test_a_bf16_cache_matches_the_fp32_cache(small_set: TrainingSet) -> None:
+    texts = small_set.documents[:32]
+    encodings = {}
+    for precision in ("fp32", "bf16"):
+        config = TrainConfig(phases=1, cache_precision=precision, **SMALL)  # type: ignore[arg-type]
+        encodings[precision] = TowerTrainer(default_base_model_path(), small_set, config).encode("document", texts)
+    fp32, bf16 = encodings["fp32"], encodings["bf16"]
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape  # the loss reads float32 on a CPU
+    assert not torch.equal(fp32, bf16)  # bf16 really ran
+    cosine = (fp32 * bf16).sum(-1)
+    assert float(cosine.min()) > 0.999, cosine

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -532,6 +533,18 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM stops as cleanly as Ctrl-C: every context exits and stops its process
 
 
+def quiet_libraries() -> None:
+    """mteb's FutureWarnings and the per-split progress bars of `datasets` would tear through the live board."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except (ImportError, AttributeError):  # pragma: no cover - datasets comes with mteb
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ui", action="store_true", help="services + Dagster UI, no cycle (make ui)")
@@ -543,6 +556,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=3000, help="Dagster UI port for --ui")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    quiet_libraries()
     console = Console()
     config = DemoConfig(split=args.split, cycle=args.cycle, top_k=args.top_k, pairs=args.pairs,
                         evaluate=not args.no_eval)  # fmt: skip

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,3 +122,16 @@ def test_demo_runs_a_whole_cycle_on_embedded_postgres_and_resumes_without_duplic
     assert second.checkpoint_path == first.checkpoint_path
     assert "+0" in text
     assert _left_running(pgdata) == []
+
+
+def test_the_demo_keeps_library_chatter_off_its_board() -> None:
+    probe = (
+        "import warnings, datasets\n"
+        "from embedkomb_pipeline.demo import quiet_libraries\n"
+        "quiet_libraries()\n"
+        "warnings.warn('renamed', FutureWarning)\n"
+        "print('bars', datasets.is_progress_bar_enabled())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "bars False"
+    assert "FutureWarning" not in out.stderr, out.stderr

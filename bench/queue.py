@@ -309,6 +309,19 @@ def bare_ceiling(
     }
 
 
+def prepare_threshold_arg(value: str) -> int | None:
+    """'none' (never prepare) or a count of executions >= 0, checked before anything is started."""
+    if value.lower() == "none":
+        return None
+    try:
+        threshold = int(value)
+    except ValueError:
+        threshold = -1
+    if threshold < 0:
+        raise argparse.ArgumentTypeError(f"expected 'none' or an integer >= 0, got {value!r}")
+    return threshold
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=200_000)
@@ -330,7 +343,8 @@ def main() -> int:
     ap.add_argument("--db-max-overflow", type=int, default=4, help="extra connections a worker may open at peaks")
     ap.add_argument(
         "--db-prepare-threshold",
-        default="none",
+        type=prepare_threshold_arg,
+        default=None,
         help="psycopg prepare_threshold for the server and the ceiling ('none': never prepare, kombinat's default)",
     )
     ap.add_argument("--keep-db", action="store_true")
@@ -348,7 +362,7 @@ def main() -> int:
             "KOMBINAT_ADMIN_RATE_LIMIT_PER_MINUTE": "100000",
             "KOMBINAT_DB_POOL_SIZE": str(args.db_pool_size),
             "KOMBINAT_DB_MAX_OVERFLOW": str(args.db_max_overflow),
-            "KOMBINAT_DB_PREPARE_THRESHOLD": args.db_prepare_threshold,
+            "KOMBINAT_DB_PREPARE_THRESHOLD": str(args.db_prepare_threshold).lower(),
             "KOMBINAT_LEASE_SECONDS": "600",
         }
         proc, url = start_server(database_url, workers=args.workers, env=env)
@@ -544,7 +558,7 @@ def main() -> int:
             args.batch_size,
             args.ceiling_threads,
             args.ceiling_seconds,
-            None if args.db_prepare_threshold.lower() == "none" else int(args.db_prepare_threshold),
+            args.db_prepare_threshold,
         )
         result["ceiling_psycopg"] = ceiling
         print(json.dumps({"ceiling_psycopg": ceiling}, indent=2))

@@ -72,15 +72,12 @@ def with_database(url: str, database: str, driver: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def libpq_url(url: str) -> str:
-    """A SQLAlchemy URL as libpq reads it (no '+driver')."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def ensure_database(url: str) -> bool:
     """Create the database a URL names if it is missing (True when made); works for TCP and socket URLs."""
     import psycopg
     from psycopg import sql
+
+    from kombinat_api.db import libpq_url
 
     name = make_url(url).database
     if not name:

@@ -15,17 +15,13 @@ import logging
 import time
 
 import psycopg
-from sqlalchemy.engine import make_url
+
+from kombinat_api.db import libpq_url
 
 log = logging.getLogger("kombinat.upkeep")
 
 HOT_TABLES = ("pair", "batch", "batch_honeypot", "label", "contributor", "api_token", "rate_bucket")
 VACUUM_SQL = f"VACUUM (SKIP_LOCKED, ANALYZE) {', '.join(HOT_TABLES)}"
-
-
-def libpq_dsn(database_url: str) -> str:
-    """The SQLAlchemy URL as a libpq connection string (drops the ``+psycopg`` driver part)."""
-    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def vacuum_once(conn: psycopg.Connection) -> float:
@@ -38,7 +34,7 @@ def vacuum_once(conn: psycopg.Connection) -> float:
 async def run_upkeep(database_url: str, interval_s: float) -> None:
     """Vacuum every ``interval_s`` until cancelled. A failure is logged and retried at the next interval with
     a fresh connection: upkeep must never take the server down."""
-    dsn = libpq_dsn(database_url)
+    dsn = libpq_url(database_url)
     conn: psycopg.Connection | None = None
     try:
         while True:

@@ -5,10 +5,10 @@
 1. Makes its own fresh database on the local PostgreSQL, migrates it, starts kombinat under uvicorn with
    several workers on a free loopback port.
 2. Enqueues the pairs through the admin API (bulk, 50k per call) and loads honeypots.
-3. Drives simulated annotators (one asyncio task each, async httpx) that claim batches and submit labels in
-   chunks of 50 until the queue is drained (every pair verified). Verdicts are a deterministic function of
-   the pair plus a little noise, so most pairs verify after two labels and some need a third; honeypots are
-   answered correctly (a competent model).
+3. Drives simulated annotators (one asyncio task each, async HTTP/1.1 keep-alive) that claim batches and
+   submit labels in chunks of 50 until the queue is drained (every pair verified). Verdicts are a
+   deterministic function of the pair plus a little noise, so most pairs verify after two labels and some need
+   a third; honeypots are answered correctly (a competent model).
 4. Prints sustained labels/s, claims/s, p50/p99 latency of claim and submit, and checks that every accepted
    label is stored exactly once, that nothing was lost, and that no pair was ever leased to two batches at
    once (a pair's next lease is only handed out after the previous lease's label was sent).
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(_here))
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import gc  # noqa: E402
 import hashlib  # noqa: E402
 import itertools  # noqa: E402
@@ -63,7 +64,13 @@ from tests.support.kombinat_server import (  # noqa: E402
     start_server,
     stop_server,
 )
-from tests.support.postgres import create_database, drop_database, migrate_database  # noqa: E402
+from tests.support.postgres import (  # noqa: E402
+    admin_dsn,
+    create_database,
+    drop_database,
+    migrate_database,
+    sqlalchemy_url,
+)
 
 CHUNK = 50
 
@@ -89,6 +96,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far (/proc/stat), for the share PostgreSQL used."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
 def children(pid: int) -> list[int]:
     out: list[int] = []
     try:
@@ -98,6 +114,88 @@ def children(pid: int) -> list[int]:
     except OSError:
         pass
     return out
+
+
+class LeanResponse:
+    __slots__ = ("content", "status_code")
+
+    def __init__(self, status_code: int, content: bytes) -> None:
+        self.status_code = status_code
+        self.content = content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class LeanHttp:
+    """A keep-alive HTTP/1.1 client on one asyncio stream, for the simulated annotators only.
+
+    The generator shares two cores with the server and the database, so its CPU per request is CPU the
+    measured system does not get: httpx's AsyncClient cost about 0.3 cores at 3,500 labels/s here, this
+    a fraction of that. It speaks just what kombinat answers (Content-Length bodies) and reconnects once
+    if the server closed an idle connection.
+    """
+
+    def __init__(self, url: str, timeout: float = 120.0) -> None:
+        parsed = httpx.URL(url)
+        self.host, self.port = parsed.host, parsed.port or 80
+        self.timeout = timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def __aenter__(self) -> LeanHttp:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+    async def post(self, path: str, json: Any, headers: dict[str, str]) -> LeanResponse:
+        body = _json_dumps(json).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        ).encode()
+        for attempt in range(2):
+            fresh = self.writer is None
+            if fresh:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            assert self.reader is not None and self.writer is not None
+            try:
+                self.writer.write(head + body)
+                return await asyncio.wait_for(self._read_response(self.reader), self.timeout)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                await self.aclose()
+                if fresh or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _read_response(reader: asyncio.StreamReader) -> LeanResponse:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length = None
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length is None:
+            raise RuntimeError(f"kombinat answered without Content-Length: {head[:200]!r}")
+        return LeanResponse(status, await reader.readexactly(length))
+
+
+_json_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def truth(pair_id: str) -> bool:
@@ -138,12 +236,12 @@ async def annotator(
 ) -> None:
     # One client (one keep-alive connection) per annotator, as separate volunteer machines would have; a
     # single shared pool also costs httpcore time quadratic in its number of connections.
-    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+    async with LeanHttp(url) as http:
         await _annotate(http, cid, token, gold, batch_size, noise, stats, drained, queue_open, seed, rate)
 
 
 async def _annotate(
-    http: httpx.AsyncClient,
+    http: LeanHttp,
     cid: int,
     token: str,
     gold: dict[str, bool],
@@ -223,7 +321,7 @@ async def _annotate(
 
 
 def bare_ceiling(
-    database_url: str, n_pairs: int, batch_size: int, threads: int, seconds: float, prepare_threshold: int | None
+    database_url: str, n_pairs: int, batch_size: int, threads: int, seconds: float, generic_plans: bool
 ) -> dict[str, Any]:
     """The claim and submit statements straight through psycopg: no HTTP, no FastAPI, no JSON."""
     dsn = database_url.replace("postgresql+psycopg://", "postgresql://")
@@ -254,8 +352,9 @@ def bare_ceiling(
     deadline = time.perf_counter() + seconds
 
     def worker(cid: int) -> None:
-        # the server's own statement preparation, so the ceiling runs the same plans
-        with psycopg.connect(dsn, prepare_threshold=prepare_threshold) as conn:
+        # the server's own hot-path statement preparation, so the ceiling runs the same plans
+        options = {"prepare_threshold": 0, "options": "-c plan_cache_mode=force_generic_plan"} if generic_plans else {}
+        with psycopg.connect(dsn, **options) as conn:
             while time.perf_counter() < deadline:
                 bid = uuid.uuid4()
                 t0 = time.perf_counter()
@@ -339,21 +438,29 @@ def main() -> int:
         default=120.0,
         help="labels/s each simulated annotator produces (its model's speed); 0 = no labeling time (saturation)",
     )
-    ap.add_argument("--db-pool-size", type=int, default=12, help="database connections per uvicorn worker")
-    ap.add_argument("--db-max-overflow", type=int, default=4, help="extra connections a worker may open at peaks")
+    ap.add_argument("--db-pool-size", type=int, default=6, help="hot-path database connections per uvicorn worker")
+    ap.add_argument("--db-max-overflow", type=int, default=2, help="extra hot-path connections per worker at peaks")
     ap.add_argument(
         "--db-prepare-threshold",
         type=prepare_threshold_arg,
         default=None,
-        help="psycopg prepare_threshold for the server and the ceiling ('none': never prepare, kombinat's default)",
+        help="psycopg prepare_threshold of the server's general pool ('none': never prepare, kombinat's default)",
+    )
+    ap.add_argument(
+        "--hot-path-generic-plans",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="claim/submit prepared once per connection with generic plans, in the server and the ceiling "
+        "(kombinat's default); --no-hot-path-generic-plans plans every call afresh",
     )
     ap.add_argument("--keep-db", action="store_true")
     ap.add_argument("--json-out", default="")
     args = ap.parse_args()
 
     dbname = create_database("kombinat_bench")
-    database_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}"
-    dsn = f"postgresql://postgres@127.0.0.1:5432/{dbname}"
+    # PGHOST/PGPORT/PGUSER choose the server (tests/support/postgres.py); the local one by default
+    database_url = sqlalchemy_url(dbname)
+    dsn = admin_dsn(dbname)
     proc = None
     try:
         migrate_database(database_url)
@@ -363,6 +470,7 @@ def main() -> int:
             "KOMBINAT_DB_POOL_SIZE": str(args.db_pool_size),
             "KOMBINAT_DB_MAX_OVERFLOW": str(args.db_max_overflow),
             "KOMBINAT_DB_PREPARE_THRESHOLD": str(args.db_prepare_threshold).lower(),
+            "KOMBINAT_HOT_PATH_GENERIC_PLANS": str(args.hot_path_generic_plans).lower(),
             "KOMBINAT_LEASE_SECONDS": "600",
         }
         proc, url = start_server(database_url, workers=args.workers, env=env)
@@ -434,6 +542,7 @@ def main() -> int:
         print(f"driving {args.annotators} annotators, batches of {args.batch_size}, chunks of {CHUNK} ...")
         server_pids = [proc.pid, *children(proc.pid)]
         cpu0 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), os.times().elapsed)
+        machine0 = machine_cpu()
         # The generator's bookkeeping (every lease and label, ~10^6 objects) makes each full collection of
         # Python's cyclic GC a pause of a second or more, which stalls every request in flight at once and
         # showed up as the slowest claims. Nothing it allocates forms cycles that need collecting.
@@ -445,10 +554,15 @@ def main() -> int:
         finally:
             gc.enable()
         cpu1 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), os.times().elapsed)
+        machine1 = machine_cpu()
         wall = cpu1[2] - cpu0[2]
+        busy = (machine1[0] - machine0[0]) / wall
         cpu_share = {
             "load_generator": round((cpu1[0] - cpu0[0]) / wall, 2),
             "kombinat_workers": round((cpu1[1] - cpu0[1]) / wall, 2),
+            # the rest of the busy machine: PostgreSQL, plus anything else that ran meanwhile
+            "postgresql_and_rest": round(busy - (cpu1[0] - cpu0[0] + cpu1[1] - cpu0[1]) / wall, 2),
+            "machine_busy_of_cores": f"{busy:.2f} of {os.cpu_count()}",
         }
         stop_server(proc)
         proc = None
@@ -515,6 +629,7 @@ def main() -> int:
                 "size": args.db_pool_size,
                 "max_overflow": args.db_max_overflow,
                 "prepare_threshold": args.db_prepare_threshold,
+                "hot_path_generic_plans": args.hot_path_generic_plans,
             },
             "elapsed_s": round(elapsed, 1),
             "labels_accepted": stats.accepted,
@@ -558,7 +673,7 @@ def main() -> int:
             args.batch_size,
             args.ceiling_threads,
             args.ceiling_seconds,
-            args.db_prepare_threshold,
+            args.hot_path_generic_plans,
         )
         result["ceiling_psycopg"] = ceiling
         print(json.dumps({"ceiling_psycopg": ceiling}, indent=2))

@@ -17,8 +17,22 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
 def make_engine(
-    database_url: str, pool_size: int = 8, max_overflow: int = 4, prepare_threshold: int | None = None
+    database_url: str,
+    pool_size: int = 8,
+    max_overflow: int = 4,
+    prepare_threshold: int | None = None,
+    generic_plans: bool = False,
 ) -> Engine:
+    """A pooled engine. ``generic_plans`` is for the request hot path (see ``hot_path_generic_plans``):
+    every statement is prepared on first use and planned once per connection with a generic plan."""
+    connect_args: dict[str, object] = {"prepare_threshold": prepare_threshold}
+    if generic_plans:
+        # Planning the claim and submit statements cost as much database CPU as running them (3-15 ms a
+        # call on 2 cores under load). Their plans do not depend on the parameter values (key lookups,
+        # ordered index scans with a limit), so one generic plan per connection serves every call; forcing
+        # it also avoids the plan cache's own choice, which after five custom plans could switch to a
+        # generic plan of a different, slower shape (seen with prepare_threshold=3 and the default mode).
+        connect_args = {"prepare_threshold": 0, "options": "-c plan_cache_mode=force_generic_plan"}
     return create_engine(
         database_url,
         pool_size=pool_size,
@@ -27,11 +41,9 @@ def make_engine(
         # died are recycled instead and a request that meets one fails once, cleanly.
         pool_pre_ping=False,
         pool_recycle=1800,
-        # No server-side prepared statements by default: after five executions PostgreSQL may switch a
-        # prepared statement to a generic plan, and the claim and submit CTEs' generic plans cost several
-        # times their custom ones (bench/queue.py, 100k pairs, pool 3: 2,045 against 5,860 labels/s). Planning
-        # them afresh is cheap next to that, and unprepared statements pass through any PgBouncer pool mode.
-        connect_args={"prepare_threshold": prepare_threshold},
+        # No server-side prepared statements by default elsewhere: statements of the admin and public
+        # endpoints are rare and varied, and custom plans suit their skewed filters.
+        connect_args=connect_args,
     )
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -25,9 +26,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Each worker process owns one pool; nothing else lives in process memory that another replica
         # would need (leases, rate limits, tokens are all rows in PostgreSQL).
         engine = make_engine(
-            settings.database_url, settings.db_pool_size, settings.db_max_overflow, settings.db_prepare_threshold
+            settings.database_url,
+            settings.db_general_pool_size,
+            settings.db_general_max_overflow,
+            settings.db_prepare_threshold,
+        )
+        hot_engine = make_engine(
+            settings.database_url,
+            settings.db_pool_size,
+            settings.db_max_overflow,
+            generic_plans=settings.hot_path_generic_plans,
         )
         app.state.engine = engine
+        app.state.hot_engine = hot_engine
         upkeep = (
             asyncio.create_task(run_upkeep(settings.database_url, settings.upkeep_interval_s))
             if settings.upkeep_interval_s > 0
@@ -40,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 upkeep.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await upkeep
+            hot_engine.dispose()
             engine.dispose()
 
     app = FastAPI(
@@ -52,4 +64,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, default_limit=settings.max_body_bytes, admin_limit=settings.max_admin_body_bytes)
     for module in (auth, models, work, admin, public):
         app.include_router(module.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = FastAPI.openapi(app)
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            for name, schema in work.OPENAPI_SCHEMAS.items():
+                schemas.setdefault(name, schema)
+        return app.openapi_schema or document
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

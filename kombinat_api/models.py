@@ -150,6 +150,7 @@ class Batch(SQLModel, table=True):
     released_at: datetime | None = _ts(True)
     quarantined: bool = False
     hp_checked: bool = False
+    hp_wrong: int = 0
 
 
 class BatchHoneypot(SQLModel, table=True):
@@ -164,12 +165,13 @@ class BatchHoneypot(SQLModel, table=True):
 class Label(SQLModel, table=True):
     __tablename__ = "label"
 
-    label_id: int | None = Field(default=None, sa_column=Column(BigInteger, primary_key=True))
+    # Identity, unique by its sequence; the key is (pair_id, contributor_id): one label per pair and contributor.
+    label_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=False))
     # The inserting transaction's 64-bit id: export pages on (xact, label_id) and only hands out rows
     # older than every in-flight transaction, so a cursor never skips a label that commits late.
     xact: int = Field(sa_column=Column(BigInteger, nullable=False))
-    pair_id: uuid.UUID = Field(sa_column=Column(UUID(as_uuid=True), nullable=False))
-    contributor_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    pair_id: uuid.UUID = Field(sa_column=Column(UUID(as_uuid=True), primary_key=True))
+    contributor_id: int = Field(sa_column=Column(BigInteger, primary_key=True))
     batch_id: uuid.UUID = Field(sa_column=Column(UUID(as_uuid=True), nullable=False))
     relevant: bool
     p_relevant: float

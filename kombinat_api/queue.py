@@ -117,20 +117,22 @@ WITH async_commit AS (
     SELECT pair_id FROM (
         (SELECT h.pair_id FROM honeypot h
          WHERE h.pair_id >= (SELECT u FROM hp_start) AND (SELECT tier FROM m) IS NOT NULL
+           -- OFFSET 0 keeps both checks per-honeypot probes of (pair_id, contributor_id) keys: as anti joins
+           -- the planner walked the whole label index or scanned all of batch_honeypot, costs that grew with
+           -- every label and every batch stored.
            AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
-                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s)
-           -- OFFSET 0 keeps this a per-honeypot probe of label's (pair_id, contributor_id) key: as an anti
-           -- join the planner walked the whole label index, a cost that grew with every label stored.
+                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s OFFSET 0)
            AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = %(cid)s
                            OFFSET 0)
          ORDER BY h.pair_id LIMIT %(n)s)
         UNION ALL
         (SELECT h.pair_id FROM honeypot h
          WHERE h.pair_id < (SELECT u FROM hp_start) AND (SELECT tier FROM m) IS NOT NULL
+           -- OFFSET 0 keeps both checks per-honeypot probes of (pair_id, contributor_id) keys: as anti joins
+           -- the planner walked the whole label index or scanned all of batch_honeypot, costs that grew with
+           -- every label and every batch stored.
            AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
-                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s)
-           -- OFFSET 0 keeps this a per-honeypot probe of label's (pair_id, contributor_id) key: as an anti
-           -- join the planner walked the whole label index, a cost that grew with every label stored.
+                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s OFFSET 0)
            AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = %(cid)s
                            OFFSET 0)
          ORDER BY h.pair_id LIMIT %(n)s)
@@ -285,11 +287,13 @@ WITH durable AS (
     ON CONFLICT (pair_id, contributor_id) DO NOTHING
     RETURNING pair_id, relevant, p_relevant, is_honeypot, quarantined
 ), d AS (
-    SELECT pair_id,
-           (NOT quarantined AND (SELECT good_standing FROM me))::int AS dn,
-           (NOT quarantined AND (SELECT good_standing FROM me) AND relevant)::int AS dr,
-           CASE WHEN NOT quarantined AND (SELECT good_standing FROM me) THEN p_relevant ELSE 0 END AS dp
-    FROM ins WHERE NOT is_honeypot
+    -- me as a join, not a sub-select: the tallies stay plain columns, and only then does the planner inline
+    -- kombinat_next() below instead of calling it once per label
+    SELECT ins.pair_id,
+           (NOT ins.quarantined AND me.good_standing)::int AS dn,
+           (NOT ins.quarantined AND me.good_standing AND ins.relevant)::int AS dr,
+           CASE WHEN NOT ins.quarantined AND me.good_standing THEN ins.p_relevant ELSE 0 END AS dp
+    FROM ins CROSS JOIN me WHERE NOT ins.is_honeypot
 ), upd AS (
     UPDATE pair p SET
         (status, state, tier, n_labels, n_relevant, p_sum, resolved_at) = (
@@ -306,9 +310,13 @@ WITH durable AS (
     RETURNING p.pair_id, p.status
 ), bu AS (
     UPDATE batch SET expires_at = now() + make_interval(secs => %(lease)s),
-                     n_labeled = n_labeled + (SELECT count(*) FROM ins)
+                     n_labeled = n_labeled + (SELECT count(*) FROM ins),
+                     -- only a wrong honeypot answer can push a batch below the accuracy bar, so the
+                     -- follow-up check runs for batches that have one and skips the rest
+                     hp_wrong = hp_wrong + (SELECT count(*) FROM ins JOIN honeypot h USING (pair_id)
+                                            WHERE ins.is_honeypot AND ins.relevant <> h.relevant)
     WHERE batch_id = %(bid)s AND (SELECT ok FROM ok) AND (SELECT live FROM chk)
-    RETURNING expires_at, n_labeled, size + n_honeypots AS total
+    RETURNING expires_at, n_labeled, size + n_honeypots AS total, hp_wrong
 )
 SELECT chk.n_in, chk.n_dup, chk.n_own, chk.owner, chk.live, ok.ok,
        (SELECT count(*) FROM ins) AS accepted,
@@ -317,7 +325,8 @@ SELECT chk.n_in, chk.n_dup, chk.n_own, chk.owner, chk.live, ok.ok,
        (SELECT n_labeled FROM bu) AS n_labeled,
        (SELECT total FROM bu) AS total,
        (SELECT array_agg(pair_id) FROM upd WHERE status = 'escalated') AS escalated,
-       (SELECT s FROM durable) AS durable
+       (SELECT s FROM durable) AS durable,
+       coalesce((SELECT hp_wrong FROM bu), 0) AS hp_wrong
 FROM chk, ok
 """
 
@@ -331,6 +340,14 @@ class SubmitResult:
     honeypots: int = 0
     batch_complete: bool = False
     escalated: list[uuid.UUID] = field(default_factory=list)
+    # honeypots of the batch answered wrong so far (this chunk included)
+    honeypots_wrong: int = 0
+
+    @property
+    def needs_honeypot_check(self) -> bool:
+        """Whether this chunk can have moved the batch's honeypot verdict: it answered honeypots or finished
+        the batch, and the batch has a wrong answer (without one its accuracy is perfect)."""
+        return (self.honeypots > 0 or self.batch_complete) and self.honeypots_wrong > 0
 
 
 def submit(
@@ -379,6 +396,7 @@ def submit(
         honeypots=int(row[7]),
         batch_complete=row[9] is not None and row[10] is not None and row[9] >= row[10] and row[6] > 0,
         escalated=list(row[11] or []),
+        honeypots_wrong=int(row[13]),
     )
 
 

@@ -12,11 +12,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KOMBINAT_", env_file=None, extra="ignore", env_parse_none_str="none")
 
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/kombinat"
-    # Each replica holds its own pool; the sum over replicas must stay under PostgreSQL's max_connections.
+    # Each replica holds two pools: one for the hot path (claim, submit, release) and one for everything
+    # else; the sum over replicas must stay under PostgreSQL's max_connections.
     db_pool_size: int = 8
     db_max_overflow: int = 4
-    # psycopg's prepare_threshold: executions of a statement before it is prepared on the server; none = never.
-    # Never is the default: prepared claim/submit statements drift to PostgreSQL's slower generic plans.
+    db_general_pool_size: int = 2
+    db_general_max_overflow: int = 6
+    # The hot path's statements are prepared once per connection and run with one generic plan (db.py says
+    # why); off = plan every call afresh, as the general pool does.
+    hot_path_generic_plans: bool = True
+    # psycopg's prepare_threshold for the general pool: executions of a statement before it is prepared on
+    # the server; none = never (the default: those statements are rare and their filters skewed).
     db_prepare_threshold: int | None = None
 
     # GitHub OAuth device flow. The client id of an OAuth App with device flow enabled (no secret needed).
@@ -48,7 +54,10 @@ class Settings(BaseSettings):
     min_reputation: float = 0.5  # below this a contributor's labels stop counting toward verification
     trust_min_honeypots: int = 20
     trust_min_reputation: float = 0.75
-    reputation_refresh_s: float = 30.0  # at most one routine refresh per contributor in this interval
+    # at most one routine refresh per contributor in this interval (quarantine refreshes at once regardless)
+    reputation_refresh_s: float = 120.0
+    # the reputation reflects the contributor's most recent batches (bounded cost per refresh)
+    reputation_window_batches: int = Field(default=50, ge=1)
 
     # Limits.
     max_body_bytes: int = 2 * 1024 * 1024
@@ -64,4 +73,4 @@ class Settings(BaseSettings):
 
     # Each server process vacuums the queue's hot tables this often (kombinat_api/upkeep.py); 0 turns it off,
     # for deployments that tune autovacuum for these tables themselves.
-    upkeep_interval_s: float = Field(default=20.0, ge=0.0)
+    upkeep_interval_s: float = Field(default=30.0, ge=0.0)

@@ -19,6 +19,11 @@ def engine_of(request: Request) -> Engine:
     return request.app.state.engine
 
 
+def hot_engine_of(request: Request) -> Engine:
+    """The pool of the claim/submit/release hot path (prepared statements with generic plans)."""
+    return request.app.state.hot_engine
+
+
 def limit_error(loc: tuple[str, ...], value: Any, maximum: int, what: str) -> RequestValidationError:
     """A 422 in FastAPI's own error-list shape for limits that come from settings, not from the schema."""
     return RequestValidationError(

@@ -1,0 +1,129 @@
+"""The hot path's economies keep kombinat's behaviour: the verification rule is inlined into the submit, the
+claim and submit run prepared generic plans on their own pool, the honeypot check runs only for batches
+with a wrong answer, the submit body is validated in one pass with FastAPI's error shape, and a
+reputation refresh reads a bounded window of recent batches."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from psycopg import Connection as PgConnection
+
+from kombinat_api import queue
+from kombinat_api.db import make_engine
+from tests.kombinat.conftest import Kombinat
+from tests.support.kombinat_server import model_info
+
+
+def _submit_params(cid: int, batch_id: str, pair_ids: list[str]) -> dict[str, object]:
+    labels = [{"pair_id": p, "relevant": True, "p_relevant": 0.9, "grade": None, "truncated": False, "seconds": 0.1}
+              for p in pair_ids]  # fmt: skip
+    return {"labels": json.dumps(labels), "bid": uuid.UUID(batch_id), "cid": cid, **model_info(), "lease": 900.0,
+            "min_agree": 0.66, "max_per_tier": 3, "max_tier": 1}  # fmt: skip
+
+
+def test_the_verification_rule_is_inlined_into_the_submit(kmb: Kombinat) -> None:
+    kmb.admit()
+    kmb.enqueue(4)
+    alice = kmb.contributor(trusted=True)
+    batch = kmb.claim(alice, 4)
+    params = _submit_params(alice.id, batch["batch_id"], [p["pair_id"] for p in batch["pairs"]])
+    # EXPLAIN runs nothing; with the rule as a called function the plan shows a per-row Function Scan.
+    plan = "\n".join(r[0] for r in kmb.sql("EXPLAIN " + queue.SUBMIT_SQL, params))
+    assert "kombinat_next" not in plan and "Function Scan on json_to_recordset" in plan, plan
+    # and the inlined rule still decides: the same statement, executed, labels the pairs once each
+    assert kmb.submit(alice, batch["batch_id"], {p["pair_id"]: True for p in batch["pairs"]}).status_code == 200
+    assert {r[0] for r in kmb.sql("SELECT status FROM pair WHERE NOT is_honeypot")} == {"labeled"}
+
+
+def test_the_hot_pool_runs_prepared_generic_plans(database_url: str, kmb: Kombinat) -> None:
+    kmb.admit()
+    kmb.enqueue(6)
+    alice = kmb.contributor(trusted=True)
+    engine = make_engine(database_url, 1, 0, generic_plans=True)
+    try:
+        pooled = engine.raw_connection()
+        try:
+            conn = pooled.driver_connection
+            assert isinstance(conn, PgConnection) and conn.prepare_threshold == 0
+            for _ in range(2):
+                bid = uuid.uuid4()
+                conn.execute(
+                    queue.CLAIM_SQL,
+                    {**model_info(), "cid": alice.id, "n": 3, "hp_expected": 0.0, "bid": bid, "lease": 900.0},
+                ).fetchall()
+                conn.commit()
+            rows = conn.execute(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE %s",
+                ["%async_commit%"],
+            ).fetchall()
+            conn.rollback()
+        finally:
+            pooled.close()
+    finally:
+        engine.dispose()
+    # prepared once, planned generically for both claims, never a custom plan
+    assert rows == [(2, 0)], rows
+    assert kmb.sql("SELECT count(*) FROM pair WHERE state = 'leased'")[0][0] == 6
+
+
+def test_the_honeypot_check_runs_only_for_batches_with_a_wrong_answer(kmb: Kombinat) -> None:
+    kmb.admit()
+    kmb.enqueue(30)
+    gold = kmb.honeypots(20)
+    careful, careless = kmb.contributor(), kmb.contributor()
+    for who, right in ((careful, True), (careless, False)):
+        batch = kmb.claim(who, 20)
+        verdicts = {
+            p["pair_id"]: (gold[p["pair_id"]] if right else not gold[p["pair_id"]]) if p["pair_id"] in gold else True
+            for p in batch["pairs"]
+        }
+        assert any(pid in gold for pid in verdicts)
+        resp = kmb.submit(who, batch["batch_id"], verdicts)
+        assert resp.status_code == 200, resp.text
+        hp_wrong, quarantined = kmb.sql(
+            "SELECT hp_wrong, quarantined FROM batch WHERE batch_id = %(b)s", {"b": batch["batch_id"]}
+        )[0]
+        answered = sum(pid in gold for pid in verdicts)
+        assert hp_wrong == (0 if right else answered)
+        assert quarantined is (not right)
+    submit = queue.SubmitResult("ok", honeypots=3, honeypots_wrong=0)
+    assert not submit.needs_honeypot_check
+    assert queue.SubmitResult("ok", honeypots=1, honeypots_wrong=1).needs_honeypot_check
+    assert queue.SubmitResult("ok", batch_complete=True, honeypots_wrong=2).needs_honeypot_check
+    assert not queue.SubmitResult("ok", honeypots=0, honeypots_wrong=2).needs_honeypot_check
+
+
+def test_submit_body_errors_keep_fastapis_shape(kmb: Kombinat) -> None:
+    kmb.admit()
+    kmb.enqueue(2)
+    alice = kmb.contributor(trusted=True)
+    batch = kmb.claim(alice, 2)
+    url = f"/api/v1/batches/{batch['batch_id']}/labels"
+    pid = batch["pairs"][0]["pair_id"]
+    bad_p = {"model": model_info(), "labels": [{"pair_id": pid, "relevant": True, "p_relevant": 1.5}]}
+    resp = kmb.client.post(url, json=bad_p, headers=alice.headers)
+    assert resp.status_code == 422
+    assert resp.json()["detail"][0]["loc"] == ["body", "labels", 0, "p_relevant"], resp.text
+    twice = {"model": model_info(), "labels": [{"pair_id": pid, "relevant": True, "p_relevant": 0.5}] * 2}
+    resp = kmb.client.post(url, json=twice, headers=alice.headers)
+    assert resp.status_code == 422 and "appears more than once" in resp.text
+    broken = kmb.client.post(url, content=b'{"model": ', headers={**alice.headers, "content-type": "application/json"})
+    assert broken.status_code == 422 and broken.json()["detail"][0]["type"] == "json_invalid"
+    # no token: 401 before the body is even looked at
+    assert kmb.client.post(url, content=b"not json").status_code == 401
+    assert kmb.sql("SELECT count(*) FROM label")[0][0] == 0
+    schema = kmb.client.get("/openapi.json").json()
+    body = schema["paths"]["/api/v1/batches/{batch_id}/labels"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/LabelChunk"}
+    assert {"LabelChunk", "LabelIn", "ModelInfo"} <= set(schema["components"]["schemas"])
+
+
+def test_a_reputation_refresh_reads_only_recent_batches(kmb: Kombinat) -> None:
+    from kombinat_api import trust
+
+    plan = "\n".join(
+        r[0] for r in kmb.sql("EXPLAIN " + trust.STATS_SQL.replace("%(cid)s", "1").replace("%(window)s", "3"))
+    )
+    assert "Limit" in plan and "batch_contributor" in plan, plan

@@ -353,7 +353,11 @@ def bare_ceiling(
 
     def worker(cid: int) -> None:
         # the server's own hot-path statement preparation, so the ceiling runs the same plans
-        options = {"prepare_threshold": 0, "options": "-c plan_cache_mode=force_generic_plan"} if generic_plans else {}
+        options = (
+            {"prepare_threshold": 0, "options": "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off"}
+            if generic_plans
+            else {}
+        )
         with psycopg.connect(dsn, **options) as conn:
             while time.perf_counter() < deadline:
                 bid = uuid.uuid4()
@@ -438,8 +442,8 @@ def main() -> int:
         default=120.0,
         help="labels/s each simulated annotator produces (its model's speed); 0 = no labeling time (saturation)",
     )
-    ap.add_argument("--db-pool-size", type=int, default=6, help="hot-path database connections per uvicorn worker")
-    ap.add_argument("--db-max-overflow", type=int, default=2, help="extra hot-path connections per worker at peaks")
+    ap.add_argument("--db-pool-size", type=int, default=4, help="hot-path database connections per uvicorn worker")
+    ap.add_argument("--db-max-overflow", type=int, default=0, help="extra hot-path connections per worker at peaks")
     ap.add_argument(
         "--db-prepare-threshold",
         type=prepare_threshold_arg,

@@ -46,11 +46,22 @@ UPDATE api_token t SET
     last_used_at = now()
 FROM contributor c, (SELECT floor(extract(epoch FROM now()) / 60)::bigint AS w) w,
      -- a lost counter increment after a crash is harmless, so this commit need not wait for the WAL flush
-     (SELECT set_config('synchronous_commit', 'off', true)) s
+     (SELECT set_config('synchronous_commit', 'off', true)) s{plan_mode}
 WHERE t.token_hash = %(h)s AND t.revoked_at IS NULL AND c.id = t.contributor_id
 RETURNING c.id, c.login, t.is_admin, c.trusted, c.good_standing, c.banned, t.rl_count,
           60 - floor(extract(epoch FROM now()))::bigint %% 60 AS retry_after
 """
+# The hot path's variant also puts the rest of its transaction on generic plans (db.py: make_engine says why),
+# and keeps those plans on indexes: a generic plan lives as long as its connection (until a VACUUM or ANALYZE
+# of its tables), and one made while label or batch were still small would otherwise scan them whole for
+# every later call, however large they grew. Every hot-path statement reaches its rows through keys.
+# Transaction-local, like SET LOCAL, so it holds behind PgBouncer's transaction pooling, where a connection
+# option would not; the statement that follows (claim, submit, release) is bound after this one has run.
+HOT_RESOLVE_SQL = RESOLVE_SQL.format(
+    plan_mode=",\n     (SELECT set_config('plan_cache_mode', 'force_generic_plan', true)"
+    " || set_config('enable_seqscan', 'off', true)) g"
+)
+RESOLVE_SQL = RESOLVE_SQL.format(plan_mode="")
 
 BUCKET_SQL = """
 INSERT INTO rate_bucket AS r (key, "window", count)
@@ -85,13 +96,23 @@ async def token_of(request: Request) -> str:
 
 
 def principal_in(cur: Cursor[Any], request: Request, token: str) -> Principal:
-    """Resolve the caller inside the request's own transaction (one pool checkout, one commit)."""
+    """Resolve the caller inside the hot path's own transaction (one pool checkout, one commit); what follows
+    in that transaction runs on generic plans when ``hot_path_generic_plans`` is on."""
     settings = request.app.state.settings
-    return resolve(cur, token, settings.rate_limit_per_minute, settings.admin_rate_limit_per_minute)
+    return resolve(
+        cur,
+        token,
+        settings.rate_limit_per_minute,
+        settings.admin_rate_limit_per_minute,
+        generic_plans=settings.hot_path_generic_plans,
+    )
 
 
-def resolve(cur: Cursor[Any], token: str, contributor_limit: int, admin_limit: int) -> Principal:
-    row = cur.execute(RESOLVE_SQL, {"h": hash_token(token)}).fetchone()
+def resolve(
+    cur: Cursor[Any], token: str, contributor_limit: int, admin_limit: int, generic_plans: bool = False
+) -> Principal:
+    sql = HOT_RESOLVE_SQL if generic_plans else RESOLVE_SQL
+    row = cur.execute(sql, {"h": hash_token(token)}).fetchone()
     if row is None:
         raise unauthorized("Invalid or revoked token: sign in again to get a new one.")
     cid, login, is_admin, trusted, good, banned, count, retry_after = row

@@ -24,15 +24,13 @@ def make_engine(
     generic_plans: bool = False,
 ) -> Engine:
     """A pooled engine. ``generic_plans`` is for the request hot path (see ``hot_path_generic_plans``):
-    every statement is prepared on first use and planned once per connection with a generic plan."""
-    connect_args: dict[str, object] = {"prepare_threshold": prepare_threshold}
-    if generic_plans:
-        # Planning the claim and submit statements cost as much database CPU as running them (3-15 ms a
-        # call on 2 cores under load). Their plans do not depend on the parameter values (key lookups,
-        # ordered index scans with a limit), so one generic plan per connection serves every call; forcing
-        # it also avoids the plan cache's own choice, which after five custom plans could switch to a
-        # generic plan of a different, slower shape (seen with prepare_threshold=3 and the default mode).
-        connect_args = {"prepare_threshold": 0, "options": "-c plan_cache_mode=force_generic_plan"}
+    every statement is prepared on first use, so that it is planned once per connection."""
+    # Planning the claim and submit statements cost as much database CPU as running them (3-15 ms a call on
+    # 2 cores under load). Their plans do not depend on the parameter values (key lookups, ordered index
+    # scans with a limit), so one generic plan per connection serves every call. The hot path forces that
+    # plan per transaction (auth.HOT_RESOLVE_SQL) rather than leaving the choice to the plan cache, which after
+    # five custom plans may switch to a generic plan of another, slower shape (seen with prepare_threshold=3).
+    connect_args: dict[str, object] = {"prepare_threshold": 0 if generic_plans else prepare_threshold}
     return create_engine(
         database_url,
         pool_size=pool_size,

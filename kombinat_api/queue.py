@@ -258,7 +258,8 @@ WITH durable AS (
 ), dup AS (
     SELECT l.pair_id FROM label l JOIN inp USING (pair_id) WHERE l.contributor_id = %(cid)s
 ), own_p AS (
-    SELECT p.pair_id FROM pair p JOIN inp USING (pair_id)
+    -- the chunk's pairs by primary key, kept where this batch holds their lease
+    SELECT p.pair_id FROM inp JOIN pair p USING (pair_id)
     WHERE p.lease_batch_id = %(bid)s AND NOT EXISTS (SELECT 1 FROM dup WHERE dup.pair_id = p.pair_id)
     FOR UPDATE OF p
 ), own_h AS (

@@ -14,10 +14,14 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/kombinat"
     # Each replica holds two pools: one for the hot path (claim, submit, release) and one for everything
     # else; the sum over replicas must stay under PostgreSQL's max_connections.
+    # The hot pool is fixed-size by default: its connections carry prepared statements and their plans, and an
+    # overflow connection is closed on return when the pool is full, so under load overflow meant a new
+    # backend and a fresh round of planning every few requests (bench/queue.py saw ~5 new sessions a second).
+    # Few connections serve best: on 2 cores, 2 workers x 4 beat 2 x 6 and 2 x 8 (bench/queue.py).
     db_pool_size: int = 8
-    db_max_overflow: int = 4
+    db_max_overflow: int = 0
     db_general_pool_size: int = 2
-    db_general_max_overflow: int = 6
+    db_general_max_overflow: int = 4
     # The hot path's statements are prepared once per connection and run with one generic plan (db.py says
     # why); off = plan every call afresh, as the general pool does.
     hot_path_generic_plans: bool = True

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
 from psycopg import Connection as PgConnection
 
 from kombinat_api import queue
+from kombinat_api.auth import resolve
 from kombinat_api.db import make_engine
 from tests.kombinat.conftest import Kombinat
 from tests.support.kombinat_server import model_info
@@ -37,7 +39,8 @@ def test_the_verification_rule_is_inlined_into_the_submit(kmb: Kombinat) -> None
     assert {r[0] for r in kmb.sql("SELECT status FROM pair WHERE NOT is_honeypot")} == {"labeled"}
 
 
-def test_the_hot_pool_runs_prepared_generic_plans(database_url: str, kmb: Kombinat) -> None:
+@pytest.mark.parametrize("generic", [True, False])
+def test_the_hot_path_runs_prepared_generic_plans(database_url: str, kmb: Kombinat, generic: bool) -> None:
     kmb.admit()
     kmb.enqueue(6)
     alice = kmb.contributor(trusted=True)
@@ -48,12 +51,14 @@ def test_the_hot_pool_runs_prepared_generic_plans(database_url: str, kmb: Kombin
             conn = pooled.driver_connection
             assert isinstance(conn, PgConnection) and conn.prepare_threshold == 0
             for _ in range(2):
-                bid = uuid.uuid4()
-                conn.execute(
-                    queue.CLAIM_SQL,
-                    {**model_info(), "cid": alice.id, "n": 3, "hp_expected": 0.0, "bid": bid, "lease": 900.0},
-                ).fetchall()
-                conn.commit()
+                with conn.transaction():
+                    # what the claim endpoint runs: the caller's token check, then the claim
+                    resolve(conn.cursor(), alice.token, 100, 100, generic_plans=generic)
+                    conn.execute(
+                        queue.CLAIM_SQL,
+                        {**model_info(), "cid": alice.id, "n": 3, "hp_expected": 0.0, "bid": uuid.uuid4(),
+                         "lease": 900.0},
+                    ).fetchall()  # fmt: skip
             rows = conn.execute(
                 "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE %s",
                 ["%async_commit%"],
@@ -63,8 +68,8 @@ def test_the_hot_pool_runs_prepared_generic_plans(database_url: str, kmb: Kombin
             pooled.close()
     finally:
         engine.dispose()
-    # prepared once, planned generically for both claims, never a custom plan
-    assert rows == [(2, 0)], rows
+    # prepared once; planned generically for both claims (never a custom plan), or custom without the switch
+    assert rows == ([(2, 0)] if generic else [(0, 2)]), rows
     assert kmb.sql("SELECT count(*) FROM pair WHERE state = 'leased'")[0][0] == 6
 
 
@@ -127,3 +132,36 @@ def test_a_reputation_refresh_reads_only_recent_batches(kmb: Kombinat) -> None:
         r[0] for r in kmb.sql("EXPLAIN " + trust.STATS_SQL.replace("%(cid)s", "1").replace("%(window)s", "3"))
     )
     assert "Limit" in plan and "batch_contributor" in plan, plan
+
+
+@pytest.mark.parametrize("hot", [True, False])
+def test_hot_path_plans_stay_on_indexes_when_made_on_small_tables(database_url: str, kmb: Kombinat, hot: bool) -> None:
+    """A generic plan outlives the statistics it was made with: one made while label was tiny must not scan it
+    whole later. The hot path's transaction rules sequential scans out; the general path (control) shows the
+    scan a small table invites."""
+    kmb.admit()
+    kmb.enqueue(60)
+    alice = kmb.contributor(trusted=True)
+    batch = kmb.claim(alice, 60)
+    ids = [p["pair_id"] for p in batch["pairs"]]
+    assert kmb.submit(alice, batch["batch_id"], {p: True for p in ids[:50]}).status_code == 200
+    kmb.sql("ANALYZE")
+    engine = make_engine(database_url, 1, 0, generic_plans=hot)
+    try:
+        pooled = engine.raw_connection()
+        try:
+            conn = pooled.driver_connection
+            assert isinstance(conn, PgConnection)
+            with conn.transaction(force_rollback=True):
+                resolve(conn.cursor(), alice.token, 100, 100, generic_plans=hot)
+                plan = "\n".join(
+                    r[0]
+                    for r in conn.execute(
+                        "EXPLAIN " + queue.SUBMIT_SQL, _submit_params(alice.id, batch["batch_id"], ids[50:])
+                    )
+                )
+        finally:
+            pooled.close()
+    finally:
+        engine.dispose()
+    assert ("Seq Scan on label" in plan) is not hot, plan

@@ -6,6 +6,7 @@
 - ``label`` keeps one unique index where it had two: the natural key (pair_id, contributor_id) becomes the
   primary key and the surrogate ``label_id`` key goes (``label_id`` stays, still unique by its identity
   sequence, and ``label_export`` still orders the export by it).
+- ``pair_lease_batch`` goes: one index entry less for every pair a claim leases.
 - ``batch.hp_wrong`` counts the batch's wrong honeypot answers, so the honeypot check after a chunk runs
   only for batches that have one (a batch without a wrong answer cannot fall below the bar).
 - The foreign key label → pair goes: its per-row trigger cost as much as the insert itself, and the submit
@@ -55,6 +56,9 @@ UPGRADE = [
     "ALTER TABLE label DROP CONSTRAINT label_pkey",
     "ALTER TABLE label DROP CONSTRAINT label_pair_id_contributor_id_key",
     "ALTER TABLE label ADD CONSTRAINT label_pkey PRIMARY KEY (pair_id, contributor_id)",
+    # Every lease wrote an entry here; the submit finds its pairs through the primary key of the labels it
+    # carries, and a release (rare) walks the live leases instead.
+    "DROP INDEX pair_lease_batch",
     "ALTER TABLE batch ADD COLUMN hp_wrong integer NOT NULL DEFAULT 0",
     # batches handed out before this migration: count their wrong honeypot answers once
     """UPDATE batch b SET hp_wrong = w.n FROM (
@@ -65,6 +69,7 @@ UPGRADE = [
 
 DOWNGRADE = [
     "ALTER TABLE batch DROP COLUMN hp_wrong",
+    "CREATE INDEX pair_lease_batch ON pair (lease_batch_id) WHERE lease_batch_id IS NOT NULL",
     "ALTER TABLE label DROP CONSTRAINT label_pkey",
     "ALTER TABLE label ADD CONSTRAINT label_pair_id_contributor_id_key UNIQUE (pair_id, contributor_id)",
     "ALTER TABLE label ADD CONSTRAINT label_pkey PRIMARY KEY (label_id)",

@@ -583,6 +583,11 @@ def main() -> int:
         t_lo = t_first + 5
         t_hi = t_first + 5 * max(1, len(per_window) - 2)
         steady_claims = [lat for t, lat, _ in stats.claim_log if t_lo <= t <= t_hi]
+        # where the slow claims fall in time: periodic stalls (upkeep, checkpoints) show up as tall windows
+        claim_windows: dict[int, list[float]] = defaultdict(list)
+        for t, lat, _ in stats.claim_log:
+            claim_windows[int((t - t_first) // 5)].append(lat)
+        claim_max_per_window = [round(max(claim_windows[k]) * 1000) for k in sorted(claim_windows)]
         steady_submits = [lat for t, lat in stats.submit_log if t_lo <= t <= t_hi]
 
         # Server-side truth.
@@ -655,6 +660,7 @@ def main() -> int:
                 "submit_p50_ms": round(pct(steady_submits, 0.5) * 1000, 1),
                 "submit_p99_ms": round(pct(steady_submits, 0.99) * 1000, 1),
             },
+            "claim_max_ms_5s_windows": claim_max_per_window,
             "slowest_claims_s_after_start": sorted(
                 ((round(lat * 1000), round(t - t_first, 1), n) for t, lat, n in stats.claim_log), reverse=True
             )[:8],

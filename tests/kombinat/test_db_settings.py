@@ -1,7 +1,7 @@
-"""Database settings and upkeep: the general pool prepares no statement by default (its statements are rare and
-CTEs were several times slower) and on when an operator asks for it; each server process vacuums the hot
-tables unless told not to; the reputation refresh reads a contributor's labels through its batches rather
-than scanning every label."""
+"""Database settings and upkeep: the general pool prepares no statement by default (its statements are rare
+and their filters skewed) and does when an operator asks for it; each server process vacuums the hot tables
+unless told not to; the reputation refresh reads a contributor's labels through its batches rather than
+scanning every label."""
 
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Each worker process owns one pool; nothing else lives in process memory that another replica
-        # would need (leases, rate limits, tokens are all rows in PostgreSQL).
+        # Each worker process owns two pools (the hot path's and the general one); nothing else lives in process
+        # memory that another replica would need (leases, rate limits, tokens are all rows in PostgreSQL).
         engine = make_engine(
             settings.database_url,
             settings.db_general_pool_size,
@@ -66,12 +66,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
 
     def openapi() -> dict[str, Any]:
+        # FastAPI's document, plus the schemas of bodies the work routes validate themselves
         if app.openapi_schema is None:
-            document = FastAPI.openapi(app)
-            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            schemas = FastAPI.openapi(app).setdefault("components", {}).setdefault("schemas", {})
             for name, schema in work.OPENAPI_SCHEMAS.items():
                 schemas.setdefault(name, schema)
-        return app.openapi_schema or document
+        assert app.openapi_schema is not None
+        return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app

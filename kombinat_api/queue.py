@@ -144,14 +144,19 @@ WITH async_commit AS (
     WHERE p.state = 'leased' AND p.lease_expires_at < now() AND p.tier <= (SELECT tier FROM m)
       AND NOT EXISTS (SELECT 1 FROM batch b WHERE b.batch_id = p.lease_batch_id
                       AND b.expires_at > now() AND b.released_at IS NULL)
-      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = p.pair_id AND l.contributor_id = %(cid)s)
+      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = p.pair_id AND l.contributor_id = %(cid)s
+                      OFFSET 0)
     ORDER BY p.lease_expires_at
     LIMIT %(n)s - (SELECT count(*) FROM hp_pick)
     FOR UPDATE OF p SKIP LOCKED
 ), fresh AS (
     SELECT p.pair_id, p.ctid AS tid FROM pair p
     WHERE p.state = 'queued' AND p.tier <= (SELECT tier FROM m)
-      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = p.pair_id AND l.contributor_id = %(cid)s)
+      -- a per-row probe of the label key (OFFSET 0 keeps it one): as an anti join, the generic plan made
+      -- while label was small materialized every label of the contributor and compared each candidate
+      -- with all of them, a claim that grew slower with every label the contributor sent
+      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = p.pair_id AND l.contributor_id = %(cid)s
+                      OFFSET 0)
     ORDER BY p.tier DESC, p.priority DESC
     LIMIT greatest(%(n)s - (SELECT count(*) FROM hp_pick) - (SELECT count(*) FROM exp), 0)
     FOR UPDATE OF p SKIP LOCKED
@@ -256,7 +261,10 @@ WITH durable AS (
 ), me AS (
     SELECT good_standing FROM contributor WHERE id = %(cid)s
 ), dup AS (
-    SELECT l.pair_id FROM label l JOIN inp USING (pair_id) WHERE l.contributor_id = %(cid)s
+    -- per-label probes of the label key: as a join, the generic plan (made while label was small) read the
+    -- whole key index for the contributor's labels on every chunk, a cost that grew with every label stored
+    SELECT inp.pair_id FROM inp
+    WHERE EXISTS (SELECT 1 FROM label l WHERE l.pair_id = inp.pair_id AND l.contributor_id = %(cid)s OFFSET 0)
 ), own_p AS (
     -- the chunk's pairs by primary key, kept where this batch holds their lease
     SELECT p.pair_id FROM inp JOIN pair p USING (pair_id)
@@ -417,7 +425,8 @@ WITH b AS (
     UPDATE batch_honeypot bh SET released = true
     WHERE bh.batch_id = %(bid)s AND NOT bh.released
       AND (%(all)s OR bh.pair_id = ANY(%(ids)s::uuid[]))
-      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = bh.pair_id AND l.contributor_id = %(cid)s)
+      AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = bh.pair_id AND l.contributor_id = %(cid)s
+                      OFFSET 0)
       AND (SELECT contributor_id FROM b) = %(cid)s
     RETURNING 1
 ), bu AS (

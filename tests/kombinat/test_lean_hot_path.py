@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import pytest
+from psycopg import ClientCursor
 from psycopg import Connection as PgConnection
 
 from kombinat_api import queue
@@ -165,3 +167,79 @@ def test_hot_path_plans_stay_on_indexes_when_made_on_small_tables(database_url: 
     finally:
         engine.dispose()
     assert ("Seq Scan on label" in plan) is not hot, plan
+
+
+def _generic_plan(conn: PgConnection, statement: str, params: dict[str, Any], types: dict[str, str]) -> Any:
+    """The generic plan PostgreSQL caches for ``statement`` on a pooled hot-path connection: prepared on the
+    server with typed $n parameters and explained with plan_cache_mode=force_generic_plan, as the hot path
+    runs it (EXPLAIN of a statement sent with values would show a custom plan instead)."""
+    sql = statement.replace("%%", "%")
+    names = list(types)
+    for i, name in enumerate(names, start=1):
+        sql = sql.replace(f"%({name})s", f"${i}")
+    assert "%(" not in sql, "a parameter without a type"
+    conn.execute(f"PREPARE hot_stmt ({', '.join(types.values())}) AS {sql}")
+    literals = ", ".join(["%s"] * len(names))
+    with ClientCursor(conn) as cur:
+        cur.execute(f"EXPLAIN (FORMAT JSON) EXECUTE hot_stmt ({literals})", [params[n] for n in names])
+        row = cur.fetchone()
+    conn.execute("DEALLOCATE hot_stmt")
+    assert row is not None
+    return row[0][0]["Plan"]
+
+
+def _label_reads(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    reads = []
+    if plan.get("Relation Name") == "label" and plan["Node Type"] != "ModifyTable":
+        reads.append(plan)
+    for child in plan.get("Plans", []):
+        reads.extend(_label_reads(child))
+    return reads
+
+
+def test_generic_plans_reach_labels_only_by_their_key(database_url: str, kmb: Kombinat) -> None:
+    """A contributor's labels grow without bound, and the hot path's generic plans live as long as their
+    connections: claim, submit and release must find a (pair, contributor) label by its key. Planned as
+    joins on small tables, they read every label of the contributor instead (the whole key index, since
+    contributor_id is its second column): with 40k pairs queued, a claim took 22 ms where probes take 7."""
+    kmb.admit()
+    # a queue long enough that the planner expects many candidates, which is what invites the join
+    kmb.enqueue(3000)
+    alice = kmb.contributor(trusted=True)
+    first = kmb.claim(alice, 60)
+    ids = [p["pair_id"] for p in first["pairs"]]
+    assert kmb.submit(alice, first["batch_id"], {p: True for p in ids[:50]}).status_code == 200
+    kmb.sql("ANALYZE")
+    second = kmb.claim(alice, 10)
+    model = model_info()
+    claim_types = {"backend": "text", "model_id": "text", "quantization": "text", "annotator_version": "text",
+                   "cid": "bigint", "n": "int", "hp_expected": "float8", "bid": "uuid", "lease": "float8"}  # fmt: skip
+    submit_types = {"labels": "text", "bid": "uuid", "cid": "bigint", "backend": "text", "model_id": "text",
+                    "quantization": "text", "annotator_version": "text", "lease": "float8", "min_agree": "float8",
+                    "max_per_tier": "int", "max_tier": "int"}  # fmt: skip
+    release_types = {"bid": "uuid", "cid": "bigint", "all": "boolean", "ids": "uuid[]"}
+    claim_params = {**model, "cid": alice.id, "n": 20, "hp_expected": 1.0, "bid": uuid.uuid4(), "lease": 900.0}
+    release_params = {"bid": uuid.UUID(second["batch_id"]), "cid": alice.id, "all": True, "ids": []}
+    statements = {
+        "claim": (queue.CLAIM_SQL, claim_params, claim_types),
+        "submit": (queue.SUBMIT_SQL, _submit_params(alice.id, second["batch_id"], ids[50:]), submit_types),
+        "release": (queue.RELEASE_SQL, release_params, release_types),
+    }
+    engine = make_engine(database_url, 1, 0, generic_plans=True)
+    try:
+        pooled = engine.raw_connection()
+        try:
+            conn = pooled.driver_connection
+            assert isinstance(conn, PgConnection)
+            for name, (statement, params, types) in statements.items():
+                with conn.transaction(force_rollback=True):
+                    resolve(conn.cursor(), alice.token, 100, 100, generic_plans=True)
+                    reads = _label_reads(_generic_plan(conn, statement, params, types))
+                assert reads, name
+                for read in reads:
+                    cond = read.get("Index Cond", "")
+                    assert "pair_id" in cond and "contributor_id" in cond, (name, read)
+        finally:
+            pooled.close()
+    finally:
+        engine.dispose()

@@ -8,7 +8,8 @@
 3. Drives simulated annotators (one asyncio task each, async HTTP/1.1 keep-alive) that claim batches and
    submit labels in chunks of 50 until the queue is drained (every pair verified). Verdicts are a
    deterministic function of the pair plus a little noise, so most pairs verify after two labels and some need
-   a third; honeypots are answered correctly (a competent model).
+   a third; honeypots are answered correctly (a competent model). An annotator whose claim comes back empty
+   waits as the real one does (5 s, doubling); the run ends as soon as nothing is left to label.
 4. Prints sustained labels/s, claims/s, p50/p99 latency of claim and submit, and checks that every accepted
    label is stored exactly once, that nothing was lost, and that no pair was ever leased to two batches at
    once (a pair's next lease is only handed out after the previous lease's label was sent).
@@ -53,6 +54,7 @@ except ImportError:
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
+from annotator.worker import WorkerConfig  # noqa: E402
 from kombinat_api import queue as kq  # noqa: E402
 from kombinat_api.auth import issue_token  # noqa: E402
 from kombinat_api.db import make_engine  # noqa: E402
@@ -73,6 +75,8 @@ from tests.support.postgres import (  # noqa: E402
 )
 
 CHUNK = 50
+# the real annotator's waits after a claim that found no work
+IDLE = WorkerConfig()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -230,14 +234,13 @@ async def annotator(
     noise: float,
     stats: Stats,
     drained: asyncio.Event,
-    queue_open: Any,
     seed: int,
     rate: float,
 ) -> None:
     # One client (one keep-alive connection) per annotator, as separate volunteer machines would have; a
     # single shared pool also costs httpcore time quadratic in its number of connections.
     async with LeanHttp(url) as http:
-        await _annotate(http, cid, token, gold, batch_size, noise, stats, drained, queue_open, seed, rate)
+        await _annotate(http, cid, token, gold, batch_size, noise, stats, drained, seed, rate)
 
 
 async def _annotate(
@@ -249,12 +252,12 @@ async def _annotate(
     noise: float,
     stats: Stats,
     drained: asyncio.Event,
-    queue_open: Any,
     seed: int,
     rate: float,
 ) -> None:
     rng = random.Random(seed)
     headers = bearer(token)
+    idle = IDLE.idle_min
     model = model_info()
     if rate > 0:
         # Volunteers do not all start in the same millisecond: spread the first claims over two seconds.
@@ -274,12 +277,14 @@ async def _annotate(
         stats.claims += 1
         pairs = batch["pairs"]
         if not pairs:
+            # Back off as the real annotator does (annotator/worker.py: 5 s, doubling up to 120 s); the run's
+            # monitor ends the wait as soon as the queue is drained.
             stats.empty_claims += 1
-            if not await queue_open():
-                drained.set()
-                return
-            await asyncio.sleep(0.05)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drained.wait(), idle)
+            idle = min(IDLE.idle_max, idle * 2)
             continue
+        idle = IDLE.idle_min
         # Honeypots are shown to many contributors at once by design; leases are about ordinary pairs.
         for p in pairs:
             if p["pair_id"] not in gold:
@@ -517,43 +522,42 @@ def main() -> int:
                 annotators.append((cid, issue_token(conn, cid, False, f"bench{i}")))
         engine.dispose()
 
-        # Asked by every annotator whose claim came back empty. An async connection, so the question never
-        # blocks the generator's event loop (a blocking call there stalled every request in flight and was
-        # counted into their latencies), and one answer serves everyone who asks while it is being fetched.
+        # Asked by the drain watcher; an async connection, so the question never blocks the generator's event loop
+        # (a blocking call there stalled every request in flight and was counted into their latencies).
         check_conn: psycopg.AsyncConnection[Any] | None = None
-        check_lock = asyncio.Lock()
-        last_check: list[float | bool] = [0.0, True]
 
         async def queue_open() -> bool:
             nonlocal check_conn
-            asked = time.perf_counter()
-            async with check_lock:
-                if last_check[0] >= asked:
-                    return bool(last_check[1])
-                if check_conn is None:
-                    check_conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-                cur = await check_conn.execute(
-                    "SELECT EXISTS (SELECT 1 FROM pair WHERE state = 'queued') "
-                    "OR EXISTS (SELECT 1 FROM pair WHERE state = 'leased')"
-                )
-                row = await cur.fetchone()
-                last_check[:] = [time.perf_counter(), bool(row and row[0])]
-                return bool(last_check[1])
+            if check_conn is None:
+                check_conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+            cur = await check_conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM pair WHERE state = 'queued') "
+                "OR EXISTS (SELECT 1 FROM pair WHERE state = 'leased')"
+            )
+            row = await cur.fetchone()
+            return bool(row and row[0])
 
         stats = Stats()
+
+        async def watch_drain(drained: asyncio.Event) -> None:
+            # Once claims start coming back empty, asks twice a second whether anything is left to label.
+            while not drained.is_set():
+                await asyncio.sleep(0.5)
+                if stats.empty_claims and not await queue_open():
+                    drained.set()
 
         async def drive() -> float:
             drained = asyncio.Event()
             t_start = time.perf_counter()
+            watcher = asyncio.create_task(watch_drain(drained))
             await asyncio.gather(
                 *[
-                    annotator(
-                        url, cid, tok, gold, args.batch_size, args.noise, stats, drained, queue_open, i, args.rate
-                    )
+                    annotator(url, cid, tok, gold, args.batch_size, args.noise, stats, drained, i, args.rate)
                     for i, (cid, tok) in enumerate(annotators)
                 ]
             )
             elapsed = time.perf_counter() - t_start
+            await watcher
             if check_conn is not None:
                 await check_conn.close()
             return elapsed

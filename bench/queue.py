@@ -464,6 +464,11 @@ def main() -> int:
     )
     ap.add_argument("--keep-db", action="store_true")
     ap.add_argument("--json-out", default="")
+    ap.add_argument(
+        "--latency-log",
+        default="",
+        help="write every claim and submit as (finished s after start, latency ms, kind) to this CSV file",
+    )
     args = ap.parse_args()
 
     dbname = create_database("kombinat_bench")
@@ -715,6 +720,16 @@ def main() -> int:
             f"{ceiling['labels_per_s']:,} labels/s, claim p99 {ceiling['claim_p99_ms']} ms; "
             f"checks {'all passed' if all(checks.values()) else 'FAILED: ' + str(checks)}"
         )
+        if args.latency_log:
+            t0 = min(t - lat for t, lat, _ in stats.claim_log)
+            with open(args.latency_log, "w") as f:
+                # finished_s counts from the first request; finished_clock is time.perf_counter() (CLOCK_MONOTONIC),
+                # for lining requests up with samples another process took meanwhile
+                f.write("finished_s,latency_ms,kind,finished_clock\n")
+                for t, lat, n in stats.claim_log:
+                    f.write(f"{t - t0:.4f},{lat * 1000:.2f},claim{'_empty' if n == 0 else ''},{t:.4f}\n")
+                for t, lat in stats.submit_log:
+                    f.write(f"{t - t0:.4f},{lat * 1000:.2f},submit,{t:.4f}\n")
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump(result, f, indent=2)

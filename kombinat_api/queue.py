@@ -17,6 +17,8 @@ from typing import Any
 from psycopg import Cursor
 from sqlalchemy import Connection
 
+from kombinat_api.db import compact_sql
+
 # --------------------------------------------------------------------------------------------------------
 # Enqueue
 
@@ -101,7 +103,7 @@ def enqueue_honeypots(conn: Connection, honeypots: Sequence[dict[str, Any]]) -> 
 # real expiry, which chunk submissions extend, has passed too), then queued pairs by tier and priority.
 # Both lock with SKIP LOCKED so concurrent claimers never wait on each other and never get the same row.
 # The answer is sorted by pair_id, so the honeypots' position says nothing.
-CLAIM_SQL = """
+CLAIM_SQL = compact_sql("""
 WITH async_commit AS (
     -- A claim lost in a database crash costs nothing: its pairs are simply still claimable and a label
     -- sent for the lost batch is refused, so this commit need not wait for the WAL flush.
@@ -195,7 +197,7 @@ FROM (SELECT (SELECT tier FROM m) AS tier,
 LEFT JOIN pair_content c
     ON c.pair_id = ANY(ARRAY(SELECT pair_id FROM leased UNION ALL SELECT pair_id FROM hpi))
 ORDER BY c.pair_id
-"""
+""")
 
 
 @dataclass
@@ -245,7 +247,7 @@ def claim(
 # leased to this batch (ordinary) or handed out with it (honeypot), or neither (refused: the whole chunk
 # is rejected, nothing is written). Accepted labels of ordinary pairs end the pair's lease and move its
 # verification forward through kombinat_next(); the batch's lease is extended.
-SUBMIT_SQL = """
+SUBMIT_SQL = compact_sql("""
 WITH durable AS (
     -- Labels are acknowledged to the annotator, which then forgets them: this commit waits for the WAL
     -- flush even if the same transaction's token check turned synchronous commit off.
@@ -337,7 +339,7 @@ SELECT chk.n_in, chk.n_dup, chk.n_own, chk.owner, chk.live, ok.ok,
        (SELECT s FROM durable) AS durable,
        coalesce((SELECT hp_wrong FROM bu), 0) AS hp_wrong
 FROM chk, ok
-"""
+""")
 
 
 @dataclass
@@ -412,7 +414,7 @@ def submit(
 # --------------------------------------------------------------------------------------------------------
 # Release
 
-RELEASE_SQL = """
+RELEASE_SQL = compact_sql("""
 WITH b AS (
     SELECT batch_id, contributor_id FROM batch WHERE batch_id = %(bid)s FOR UPDATE
 ), rp AS (
@@ -435,7 +437,7 @@ WITH b AS (
     RETURNING 1
 )
 SELECT (SELECT contributor_id FROM b), (SELECT count(*) FROM rp) + (SELECT count(*) FROM rh)
-"""
+""")
 
 
 def release(

@@ -15,7 +15,7 @@ from psycopg import Connection as PgConnection
 
 from kombinat_api import queue
 from kombinat_api.auth import resolve
-from kombinat_api.db import make_engine
+from kombinat_api.db import compact_sql, make_engine
 from tests.kombinat.conftest import Kombinat
 from tests.support.kombinat_server import model_info
 
@@ -243,3 +243,26 @@ def test_generic_plans_reach_labels_only_by_their_key(database_url: str, kmb: Ko
             pooled.close()
     finally:
         engine.dispose()
+
+
+def test_hot_statements_fit_psycopgs_conversion_cache() -> None:
+    """psycopg caches the %(name)s -> $n conversion only for statements up to MAX_CACHED_STATEMENT_LENGTH;
+    a longer hot statement is converted again on every request."""
+    from psycopg import _queries
+
+    from kombinat_api.auth import HOT_RESOLVE_SQL
+
+    for name, sql in {"claim": queue.CLAIM_SQL, "submit": queue.SUBMIT_SQL, "release": queue.RELEASE_SQL,
+                      "token check": HOT_RESOLVE_SQL}.items():  # fmt: skip
+        assert len(sql.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH, name
+        assert "--" not in sql or name == "token check", name
+
+
+def test_compact_sql_drops_comments_and_keeps_literals() -> None:
+    sql = """
+    SELECT 'a -- not a comment' AS x,  -- the caller's comment, with an apostrophe
+           'it''s' AS y
+    -- a whole-line comment
+    FROM t WHERE s = 'queued'   -- trailing
+    """
+    assert compact_sql(sql) == "SELECT 'a -- not a comment' AS x,\n'it''s' AS y\nFROM t WHERE s = 'queued'\n"

@@ -75,7 +75,7 @@ from tests.support.postgres import (  # noqa: E402
 )
 
 CHUNK = 50
-# the real annotator's waits after a claim that found no work
+# the real annotator's defaults: its batch size, and its waits after a claim that found no work
 IDLE = WorkerConfig()
 
 
@@ -107,6 +107,13 @@ def machine_cpu() -> tuple[float, float]:
     idle = fields[3] + fields[4]  # idle + iowait
     tick = os.sysconf("SC_CLK_TCK")
     return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+def checkpoint_count(dsn: str) -> int:
+    """Checkpoints the server has made so far (timed and requested)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter").fetchone()
+    return int(row[0]) if row else 0
 
 
 def children(pid: int) -> list[int]:
@@ -434,7 +441,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=200_000)
     ap.add_argument("--annotators", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument(
+        "--batch-size", type=int, default=IDLE.batch_size, help="pairs per claim (the real annotator's default)"
+    )
     ap.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
     ap.add_argument("--honeypots", type=int, default=3000)
     ap.add_argument("--noise", type=float, default=0.02, help="share of ordinary verdicts flipped at random")
@@ -567,6 +576,15 @@ def main() -> int:
                 await check_conn.close()
             return elapsed
 
+        # Every run starts at the same point of the checkpoint cycle: the enqueue alone writes hundreds of MB of
+        # WAL, and checkpoints (with the full-page images that follow each) otherwise fall at random into the
+        # drive. Needs a superuser or pg_checkpoint; without it the run goes on as it is.
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("CHECKPOINT")
+        except psycopg.errors.InsufficientPrivilege:
+            print("(no CHECKPOINT before the drive: the bench's database role may not run one)")
+        checkpoints_before = checkpoint_count(dsn)
         print(f"driving {args.annotators} annotators, batches of {args.batch_size}, chunks of {CHUNK} ...")
         server_pids = [proc.pid, *children(proc.pid)]
         cpu0 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), os.times().elapsed)
@@ -582,6 +600,7 @@ def main() -> int:
         finally:
             gc.enable()
         cpu1 = (cpu_seconds([os.getpid()]), cpu_seconds(server_pids), os.times().elapsed)
+        checkpoints_during_drive = checkpoint_count(dsn) - checkpoints_before
         machine1 = machine_cpu()
         wall = cpu1[2] - cpu0[2]
         busy = (machine1[0] - machine0[0]) / wall
@@ -696,6 +715,7 @@ def main() -> int:
             "quarantined_batches": quarantined,
             "errors": dict(stats.errors),
             "cores_used_during_drive": cpu_share,
+            "checkpoints_during_drive": checkpoints_during_drive,
             "rate_per_annotator": args.rate or "unpaced",
             "checks": checks,
         }

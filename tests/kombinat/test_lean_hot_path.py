@@ -266,3 +266,10 @@ def test_compact_sql_drops_comments_and_keeps_literals() -> None:
     FROM t WHERE s = 'queued'   -- trailing
     """
     assert compact_sql(sql) == "SELECT 'a -- not a comment' AS x,\n'it''s' AS y\nFROM t WHERE s = 'queued'\n"
+
+
+def test_vacuum_never_truncates_the_queue_tables(kmb: Kombinat) -> None:
+    """Truncation takes an ACCESS EXCLUSIVE lock that stalls every claim and submit behind it."""
+    options = dict(kmb.sql("SELECT relname, reloptions FROM pg_class WHERE relname IN ('pair', 'batch', 'label')"))
+    assert "vacuum_truncate=false" in (options["pair"] or []) and "vacuum_truncate=false" in (options["batch"] or [])
+    assert options["label"] is None  # grow-only: its tail is never empty

@@ -1,0 +1,33 @@
+"""Queue tables keep their trailing pages: VACUUM never truncates ``pair`` or ``batch``.
+
+Truncating a table's empty tail takes an ACCESS EXCLUSIVE lock, and on a table that every claim and submit
+touches each truncation queues every request behind it: with upkeep vacuuming these tables every 30 s, whole
+seconds in which no claim or submit finished showed up in ``bench/queue.py``. Space freed inside a queue table
+is reused by the next leases and labels anyway, so the tail is kept (``vacuum_truncate``, PostgreSQL 12+; it
+applies to autovacuum and to upkeep's VACUUM alike).
+
+Revision ID: 0003_keep_queue_pages
+Revises: 0002_lean_hot_path
+Create Date: 2026-12-02
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision: str = "0003_keep_queue_pages"
+down_revision: str | None = "0002_lean_hot_path"
+branch_labels = None
+depends_on = None
+
+QUEUE_TABLES = ("pair", "batch")
+
+
+def upgrade() -> None:
+    for table in QUEUE_TABLES:
+        op.execute(f"ALTER TABLE {table} SET (vacuum_truncate = false)")
+
+
+def downgrade() -> None:
+    for table in QUEUE_TABLES:
+        op.execute(f"ALTER TABLE {table} RESET (vacuum_truncate)")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -16,7 +18,7 @@ from psycopg import Connection as PgConnection
 from kombinat_api import queue
 from kombinat_api.auth import resolve
 from kombinat_api.db import compact_sql, make_engine
-from tests.kombinat.conftest import Kombinat
+from tests.kombinat.conftest import Contributor, Kombinat
 from tests.support.kombinat_server import model_info
 
 
@@ -25,6 +27,35 @@ def _submit_params(cid: int, batch_id: str, pair_ids: list[str]) -> dict[str, ob
               for p in pair_ids]  # fmt: skip
     return {"labels": json.dumps(labels), "bid": uuid.UUID(batch_id), "cid": cid, **model_info(), "lease": 900.0,
             "min_agree": 0.66, "max_per_tier": 3, "max_tier": 1}  # fmt: skip
+
+
+@contextmanager
+def _pooled_connection(database_url: str, generic_plans: bool) -> Iterator[PgConnection[Any]]:
+    """A connection of a one-connection pool configured as the hot path's (or the general path's) would be."""
+    engine = make_engine(database_url, 1, 0, generic_plans=generic_plans)
+    try:
+        pooled = engine.raw_connection()
+        try:
+            conn = pooled.driver_connection
+            assert isinstance(conn, PgConnection)
+            yield conn
+        finally:
+            pooled.close()
+    finally:
+        engine.dispose()
+
+
+def _fifty_labels_then_analyze(kmb: Kombinat, queued: int) -> tuple[Contributor, list[str], str]:
+    """A contributor who labeled 50 of a first batch of 60 (of ``queued`` pairs), with fresh statistics: the
+    small tables a pooled connection's first plans are made on. Returns (contributor, batch's pair ids, batch id)."""
+    kmb.admit()
+    kmb.enqueue(queued)
+    alice = kmb.contributor(trusted=True)
+    batch = kmb.claim(alice, 60)
+    ids = [p["pair_id"] for p in batch["pairs"]]
+    assert kmb.submit(alice, batch["batch_id"], {p: True for p in ids[:50]}).status_code == 200
+    kmb.sql("ANALYZE")
+    return alice, ids, batch["batch_id"]
 
 
 def test_the_verification_rule_is_inlined_into_the_submit(kmb: Kombinat) -> None:
@@ -46,30 +77,22 @@ def test_the_hot_path_runs_prepared_generic_plans(database_url: str, kmb: Kombin
     kmb.admit()
     kmb.enqueue(6)
     alice = kmb.contributor(trusted=True)
-    engine = make_engine(database_url, 1, 0, generic_plans=True)
-    try:
-        pooled = engine.raw_connection()
-        try:
-            conn = pooled.driver_connection
-            assert isinstance(conn, PgConnection) and conn.prepare_threshold == 0
-            for _ in range(2):
-                with conn.transaction():
-                    # what the claim endpoint runs: the caller's token check, then the claim
-                    resolve(conn.cursor(), alice.token, 100, 100, generic_plans=generic)
-                    conn.execute(
-                        queue.CLAIM_SQL,
-                        {**model_info(), "cid": alice.id, "n": 3, "hp_expected": 0.0, "bid": uuid.uuid4(),
-                         "lease": 900.0},
-                    ).fetchall()  # fmt: skip
-            rows = conn.execute(
-                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE %s",
-                ["%async_commit%"],
-            ).fetchall()
-            conn.rollback()
-        finally:
-            pooled.close()
-    finally:
-        engine.dispose()
+    with _pooled_connection(database_url, generic_plans=True) as conn:
+        assert conn.prepare_threshold == 0
+        for _ in range(2):
+            with conn.transaction():
+                # what the claim endpoint runs: the caller's token check, then the claim
+                resolve(conn.cursor(), alice.token, 100, 100, generic_plans=generic)
+                conn.execute(
+                    queue.CLAIM_SQL,
+                    {**model_info(), "cid": alice.id, "n": 3, "hp_expected": 0.0, "bid": uuid.uuid4(),
+                     "lease": 900.0},
+                ).fetchall()  # fmt: skip
+        rows = conn.execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE %s",
+            ["%async_commit%"],
+        ).fetchall()
+        conn.rollback()
     # prepared once; planned generically for both claims (never a custom plan), or custom without the switch
     assert rows == ([(2, 0)] if generic else [(0, 2)]), rows
     assert kmb.sql("SELECT count(*) FROM pair WHERE state = 'leased'")[0][0] == 6
@@ -141,31 +164,11 @@ def test_hot_path_plans_stay_on_indexes_when_made_on_small_tables(database_url: 
     """A generic plan outlives the statistics it was made with: one made while label was tiny must not scan it
     whole later. The hot path's transaction rules sequential scans out; the general path (control) shows the
     scan a small table invites."""
-    kmb.admit()
-    kmb.enqueue(60)
-    alice = kmb.contributor(trusted=True)
-    batch = kmb.claim(alice, 60)
-    ids = [p["pair_id"] for p in batch["pairs"]]
-    assert kmb.submit(alice, batch["batch_id"], {p: True for p in ids[:50]}).status_code == 200
-    kmb.sql("ANALYZE")
-    engine = make_engine(database_url, 1, 0, generic_plans=hot)
-    try:
-        pooled = engine.raw_connection()
-        try:
-            conn = pooled.driver_connection
-            assert isinstance(conn, PgConnection)
-            with conn.transaction(force_rollback=True):
-                resolve(conn.cursor(), alice.token, 100, 100, generic_plans=hot)
-                plan = "\n".join(
-                    r[0]
-                    for r in conn.execute(
-                        "EXPLAIN " + queue.SUBMIT_SQL, _submit_params(alice.id, batch["batch_id"], ids[50:])
-                    )
-                )
-        finally:
-            pooled.close()
-    finally:
-        engine.dispose()
+    alice, ids, batch_id = _fifty_labels_then_analyze(kmb, 60)
+    with _pooled_connection(database_url, generic_plans=hot) as conn, conn.transaction(force_rollback=True):
+        resolve(conn.cursor(), alice.token, 100, 100, generic_plans=hot)
+        explained = conn.execute("EXPLAIN " + queue.SUBMIT_SQL, _submit_params(alice.id, batch_id, ids[50:]))
+        plan = "\n".join(r[0] for r in explained)
     assert ("Seq Scan on label" in plan) is not hot, plan
 
 
@@ -202,14 +205,8 @@ def test_generic_plans_reach_labels_only_by_their_key(database_url: str, kmb: Ko
     connections: claim, submit and release must find a (pair, contributor) label by its key. Planned as
     joins on small tables, they read every label of the contributor instead (the whole key index, since
     contributor_id is its second column): with 40k pairs queued, a claim took 22 ms where probes take 7."""
-    kmb.admit()
     # a queue long enough that the planner expects many candidates, which is what invites the join
-    kmb.enqueue(3000)
-    alice = kmb.contributor(trusted=True)
-    first = kmb.claim(alice, 60)
-    ids = [p["pair_id"] for p in first["pairs"]]
-    assert kmb.submit(alice, first["batch_id"], {p: True for p in ids[:50]}).status_code == 200
-    kmb.sql("ANALYZE")
+    alice, ids, _ = _fifty_labels_then_analyze(kmb, 3000)
     second = kmb.claim(alice, 10)
     model = model_info()
     claim_types = {"backend": "text", "model_id": "text", "quantization": "text", "annotator_version": "text",
@@ -225,24 +222,15 @@ def test_generic_plans_reach_labels_only_by_their_key(database_url: str, kmb: Ko
         "submit": (queue.SUBMIT_SQL, _submit_params(alice.id, second["batch_id"], ids[50:]), submit_types),
         "release": (queue.RELEASE_SQL, release_params, release_types),
     }
-    engine = make_engine(database_url, 1, 0, generic_plans=True)
-    try:
-        pooled = engine.raw_connection()
-        try:
-            conn = pooled.driver_connection
-            assert isinstance(conn, PgConnection)
-            for name, (statement, params, types) in statements.items():
-                with conn.transaction(force_rollback=True):
-                    resolve(conn.cursor(), alice.token, 100, 100, generic_plans=True)
-                    reads = _label_reads(_generic_plan(conn, statement, params, types))
-                assert reads, name
-                for read in reads:
-                    cond = read.get("Index Cond", "")
-                    assert "pair_id" in cond and "contributor_id" in cond, (name, read)
-        finally:
-            pooled.close()
-    finally:
-        engine.dispose()
+    with _pooled_connection(database_url, generic_plans=True) as conn:
+        for name, (statement, params, types) in statements.items():
+            with conn.transaction(force_rollback=True):
+                resolve(conn.cursor(), alice.token, 100, 100, generic_plans=True)
+                reads = _label_reads(_generic_plan(conn, statement, params, types))
+            assert reads, name
+            for read in reads:
+                cond = read.get("Index Cond", "")
+                assert "pair_id" in cond and "contributor_id" in cond, (name, read)
 
 
 def test_hot_statements_fit_psycopgs_conversion_cache() -> None:

@@ -274,7 +274,7 @@ async def _annotate(
         resp = await http.post("/api/v1/batches/claim", json={"size": batch_size, "model": model}, headers=headers)
         t1 = time.perf_counter()
         stats.claim_lat.append(t1 - t0)
-        # parsed once: a 250-pair answer is ~100 kB of JSON, and the generator shares the CPU with the server
+        # parsed once: a 200-pair answer is ~100 kB of JSON, and the generator shares the CPU with the server
         batch = resp.json() if resp.status_code == 200 else {}
         stats.claim_log.append((t1, t1 - t0, len(batch.get("pairs", []))))
         if resp.status_code != 200:
@@ -442,7 +442,10 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=200_000)
     ap.add_argument("--annotators", type=int, default=64)
     ap.add_argument(
-        "--batch-size", type=int, default=IDLE.batch_size, help="pairs per claim (the real annotator's default)"
+        "--batch-size",
+        type=int,
+        default=IDLE.batch_size,
+        help="pairs per claim (default %(default)s, the real annotator's)",
     )
     ap.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
     ap.add_argument("--honeypots", type=int, default=3000)
@@ -476,7 +479,8 @@ def main() -> int:
     ap.add_argument(
         "--latency-log",
         default="",
-        help="write every claim and submit as (finished s after start, latency ms, kind) to this CSV file",
+        help="write every claim and submit to this CSV file: when it finished (s after the first request, and "
+        "as CLOCK_MONOTONIC), its latency in ms, its kind",
     )
     args = ap.parse_args()
 

@@ -284,8 +284,8 @@ async def _annotate(
         stats.claims += 1
         pairs = batch["pairs"]
         if not pairs:
-            # Back off as the real annotator does (annotator/worker.py: 5 s, doubling up to 120 s); the run's
-            # monitor ends the wait as soon as the queue is drained.
+            # Back off as the real annotator does (annotator/worker.py: 5 s, doubling up to 120 s); the drain
+            # watcher ends the wait as soon as the queue is drained.
             stats.empty_claims += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(drained.wait(), idle)
@@ -483,6 +483,12 @@ def main() -> int:
         "as CLOCK_MONOTONIC), its latency in ms, its kind",
     )
     args = ap.parse_args()
+    # Output files are checked before a run of minutes, not found unwritable at its end with the figures lost.
+    for flag, path in (("--json-out", args.json_out), ("--latency-log", args.latency_log)):
+        if path:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or os.path.isdir(path):
+                ap.error(f"{flag} {path}: cannot write a file there (no such writable folder, or it is a folder)")
 
     dbname = create_database("kombinat_bench")
     # PGHOST/PGPORT/PGUSER choose the server (tests/support/postgres.py); the local one by default

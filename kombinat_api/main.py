@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from kombinat_api import __version__
-from kombinat_api.db import make_engine
+from kombinat_api.db import make_engine, make_hot_pool
 from kombinat_api.limits import BodySizeLimit
 from kombinat_api.routes import admin, auth, models, public, work
 from kombinat_api.settings import Settings
@@ -31,27 +32,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.db_general_max_overflow,
             settings.db_prepare_threshold,
         )
-        hot_engine = make_engine(
+        hot_pool = make_hot_pool(
             settings.database_url,
             settings.db_pool_size,
             settings.db_max_overflow,
             generic_plans=settings.hot_path_generic_plans,
         )
+        await hot_pool.open()
         app.state.engine = engine
-        app.state.hot_engine = hot_engine
+        app.state.hot_pool = hot_pool
         upkeep = (
             asyncio.create_task(run_upkeep(settings.database_url, settings.upkeep_interval_s))
             if settings.upkeep_interval_s > 0
             else None
         )
+        # Everything made so far (modules, the app, its pydantic schemas: ~130k objects) lives as long as the
+        # worker. Frozen, it is skipped by the cyclic GC: each full collection otherwise walked all of it with
+        # the GIL held, 80-170 ms every ~10 s under load, and stalled every request of the worker at once
+        # (the slowest claims of bench/queue.py). Garbage is still freed by reference counting as before.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             if upkeep is not None:
                 upkeep.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await upkeep
-            hot_engine.dispose()
+            await hot_pool.close()
             engine.dispose()
 
     app = FastAPI(

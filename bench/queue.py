@@ -366,7 +366,10 @@ def bare_ceiling(
     def worker(cid: int) -> None:
         # the server's own hot-path statement preparation, so the ceiling runs the same plans
         options = (
-            {"prepare_threshold": 0, "options": "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off"}
+            {
+                "prepare_threshold": 0,
+                "options": "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c jit=off",
+            }
             if generic_plans
             else {}
         )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, HTTPException, Request, status
-from psycopg import Cursor
+from psycopg import AsyncCursor, Cursor
 from sqlalchemy import Connection
 
 from kombinat_api.db import transaction
@@ -51,15 +51,19 @@ WHERE t.token_hash = %(h)s AND t.revoked_at IS NULL AND c.id = t.contributor_id
 RETURNING c.id, c.login, t.is_admin, c.trusted, c.good_standing, c.banned, t.rl_count,
           60 - floor(extract(epoch FROM now()))::bigint %% 60 AS retry_after
 """
-# The hot path's variant also puts the rest of its transaction on generic plans (db.py: make_engine says why),
-# and keeps those plans on indexes: a generic plan lives as long as its connection (until a VACUUM or ANALYZE
-# of its tables), and one made while label or batch were still small would otherwise scan them whole for
-# every later call, however large they grew. Every hot-path statement reaches its rows through keys.
-# Transaction-local, like SET LOCAL, so it holds behind PgBouncer's transaction pooling, where a connection
-# option would not; the statement that follows (claim, submit, release) is bound after this one has run.
+# The hot path's variant also puts the rest of its transaction on generic plans (db.py: hot_connection_kwargs
+# says why), and keeps those plans on indexes: a generic plan lives as long as its connection (until a VACUUM
+# or ANALYZE of its tables), and one made while label or batch were still small would otherwise scan them
+# whole for every later call, however large they grew. Every hot-path statement reaches its rows through keys.
+# No JIT: the claim's estimated cost grows with the queue (about 52k at 150k queued pairs) and past
+# jit_above_cost (100k by default, so from roughly 300k queued pairs) every claim would compile its plan
+# again, ~80 ms on top of ~6 ms of work (measured with jit_above_cost lowered); nothing here runs long enough
+# to win it back. Transaction-local, like SET LOCAL, so it holds behind PgBouncer's transaction pooling,
+# where a connection option would not; the statement that follows (claim, submit, release) is bound after
+# this one has run.
 HOT_RESOLVE_SQL = RESOLVE_SQL.format(
     plan_mode=",\n     (SELECT set_config('plan_cache_mode', 'force_generic_plan', true)"
-    " || set_config('enable_seqscan', 'off', true)) g"
+    " || set_config('enable_seqscan', 'off', true) || set_config('jit', 'off', true)) g"
 )
 RESOLVE_SQL = RESOLVE_SQL.format(plan_mode="")
 
@@ -95,11 +99,11 @@ async def token_of(request: Request) -> str:
     return bearer_token(request)
 
 
-def principal_in(cur: Cursor[Any], request: Request, token: str) -> Principal:
+async def principal_in(cur: AsyncCursor[Any], request: Request, token: str) -> Principal:
     """Resolve the caller inside the hot path's own transaction (one pool checkout, one commit); what follows
     in that transaction runs on generic plans when ``hot_path_generic_plans`` is on."""
     settings = request.app.state.settings
-    return resolve(
+    return await resolve_async(
         cur,
         token,
         settings.rate_limit_per_minute,
@@ -108,11 +112,23 @@ def principal_in(cur: Cursor[Any], request: Request, token: str) -> Principal:
     )
 
 
+async def resolve_async(
+    cur: AsyncCursor[Any], token: str, contributor_limit: int, admin_limit: int, generic_plans: bool = False
+) -> Principal:
+    """``resolve`` on an asyncio connection (the hot path's)."""
+    await cur.execute(HOT_RESOLVE_SQL if generic_plans else RESOLVE_SQL, {"h": hash_token(token)})
+    return _principal(await cur.fetchone(), token, contributor_limit, admin_limit)
+
+
 def resolve(
     cur: Cursor[Any], token: str, contributor_limit: int, admin_limit: int, generic_plans: bool = False
 ) -> Principal:
     sql = HOT_RESOLVE_SQL if generic_plans else RESOLVE_SQL
-    row = cur.execute(sql, {"h": hash_token(token)}).fetchone()
+    return _principal(cur.execute(sql, {"h": hash_token(token)}).fetchone(), token, contributor_limit, admin_limit)
+
+
+def _principal(row: tuple[Any, ...] | None, token: str, contributor_limit: int, admin_limit: int) -> Principal:
+    """The caller from RESOLVE_SQL's row, or the 401/403/429 that row calls for."""
     if row is None:
         raise unauthorized("Invalid or revoked token: sign in again to get a new one.")
     cid, login, is_admin, trusted, good, banned, count, retry_after = row

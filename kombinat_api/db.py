@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from psycopg import Cursor
+from psycopg import AsyncCursor, Cursor
+from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
@@ -44,28 +45,59 @@ def make_engine(
     pool_size: int = 8,
     max_overflow: int = 4,
     prepare_threshold: int | None = None,
-    generic_plans: bool = False,
 ) -> Engine:
-    """A pooled engine. ``generic_plans`` is for the request hot path (see ``hot_path_generic_plans``):
-    every statement is prepared on first use, so that it is planned once per connection."""
-    # Planning the claim and submit statements cost as much database CPU as running them (3-15 ms a call on
-    # 2 cores under load). Their plans do not depend on the parameter values (key lookups, ordered index
-    # scans with a limit), so one generic plan per connection serves every call. The hot path forces that
-    # plan per transaction (auth.HOT_RESOLVE_SQL) rather than leaving the choice to the plan cache, which after
-    # five custom plans may switch to a generic plan of another, slower shape (seen with prepare_threshold=3).
-    connect_args: dict[str, object] = {"prepare_threshold": 0 if generic_plans else prepare_threshold}
+    """A pooled engine for everything but the request hot path (which has ``make_hot_pool``)."""
     return create_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        # No pre-ping: it would add a round trip to every checkout (two per request); connections that
-        # died are recycled instead and a request that meets one fails once, cleanly.
+        # No pre-ping: it would add a round trip to every checkout; connections that died are recycled instead
+        # and a request that meets one fails once, cleanly.
         pool_pre_ping=False,
         pool_recycle=1800,
-        # No server-side prepared statements by default elsewhere: statements of the admin and public
-        # endpoints are rare and varied, and custom plans suit their skewed filters.
-        connect_args=connect_args,
+        # No server-side prepared statements by default: statements of the admin and public endpoints are rare
+        # and varied, and custom plans suit their skewed filters.
+        connect_args={"prepare_threshold": prepare_threshold},
     )
+
+
+def hot_connection_kwargs(generic_plans: bool) -> dict[str, Any]:
+    """psycopg connection options of the hot path.
+
+    Planning the claim and submit statements cost as much database CPU as running them (3-15 ms a call on 2
+    cores under load). Their plans do not depend on the parameter values (key lookups, ordered index scans
+    with a limit), so one generic plan per connection serves every call: each statement is prepared on first
+    use. The hot path forces that plan per transaction (auth.HOT_RESOLVE_SQL) rather than leaving the choice to
+    the plan cache, which after five custom plans may switch to a generic plan of another, slower shape (seen
+    with prepare_threshold=3)."""
+    return {"prepare_threshold": 0 if generic_plans else None}
+
+
+def make_hot_pool(
+    database_url: str, pool_size: int, max_overflow: int, generic_plans: bool = True
+) -> AsyncConnectionPool:
+    """The request hot path's pool (claim, submit, release): asyncio connections used on the event loop.
+
+    Not a thread pool's: every hop between the event loop and a worker thread (and back, and through a
+    threaded pool's condition variables) cost a wake-up of another thread, ~10 % of a worker's CPU under
+    bench/queue.py, and made each request queue for the GIL behind the others. Not yet open: the caller
+    awaits ``open()`` on its own event loop (the lifespan), and the pool connects in the background, so the
+    server starts even while the database is still coming up."""
+    return AsyncConnectionPool(
+        libpq_url(database_url),
+        min_size=pool_size,
+        max_size=pool_size + max_overflow,
+        kwargs=hot_connection_kwargs(generic_plans),
+        open=False,
+        name="kombinat-hot-path",
+    )
+
+
+@asynccontextmanager
+async def async_transaction(pool: AsyncConnectionPool) -> AsyncIterator[AsyncCursor[Any]]:
+    """``transaction`` for the hot path's asyncio pool: committed on success, rolled back on error."""
+    async with pool.connection() as conn, conn.cursor() as cur:
+        yield cur
 
 
 def libpq_url(database_url: str) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from psycopg import Cursor
+from psycopg import AsyncCursor
 from sqlalchemy import Connection
 
 from kombinat_api.db import compact_sql
@@ -208,8 +208,8 @@ class ClaimResult:
     pairs: list[dict[str, Any]] = field(default_factory=list)
 
 
-def claim(
-    cur: Cursor[Any],
+async def claim(
+    cur: AsyncCursor[Any],
     contributor_id: int,
     size: int,
     model: dict[str, str],
@@ -219,7 +219,7 @@ def claim(
     """Lease up to ``size`` pairs (honeypots included) to the contributor in one statement."""
     batch_id = uuid.uuid4()
     fraction = min(max(honeypot_fraction, 0.0), 0.9)
-    rows = cur.execute(
+    await cur.execute(
         CLAIM_SQL,
         {
             "backend": model["backend"],
@@ -232,7 +232,8 @@ def claim(
             "bid": batch_id,
             "lease": float(lease_seconds),
         },
-    ).fetchall()
+    )
+    rows = await cur.fetchall()
     tier = rows[0][0]
     if tier is None:
         return ClaimResult(admitted=False, batch_id=batch_id, expires_at=rows[0][1])
@@ -361,8 +362,8 @@ class SubmitResult:
         return (self.honeypots > 0 or self.batch_complete) and self.honeypots_wrong > 0
 
 
-def submit(
-    cur: Cursor[Any],
+async def submit(
+    cur: AsyncCursor[Any],
     contributor_id: int,
     batch_id: uuid.UUID,
     labels_json: str,
@@ -373,7 +374,7 @@ def submit(
     max_tier: int,
 ) -> SubmitResult:
     """``labels_json``: a JSON array of {pair_id, relevant, p_relevant, grade, truncated, seconds}."""
-    row = cur.execute(
+    await cur.execute(
         SUBMIT_SQL,
         {
             "labels": labels_json,
@@ -388,7 +389,8 @@ def submit(
             "max_per_tier": int(max_labels_per_tier),
             "max_tier": int(max_tier),
         },
-    ).fetchone()
+    )
+    row = await cur.fetchone()
     assert row is not None
     n_dup, owner, live, ok = row[1], row[3], row[4], row[5]
     if owner is None:
@@ -440,13 +442,14 @@ SELECT (SELECT contributor_id FROM b), (SELECT count(*) FROM rp) + (SELECT count
 """)
 
 
-def release(
-    cur: Cursor[Any], contributor_id: int, batch_id: uuid.UUID, pair_ids: Sequence[uuid.UUID] | None
+async def release(
+    cur: AsyncCursor[Any], contributor_id: int, batch_id: uuid.UUID, pair_ids: Sequence[uuid.UUID] | None
 ) -> tuple[str, int]:
-    row = cur.execute(
+    await cur.execute(
         RELEASE_SQL,
         {"bid": batch_id, "cid": contributor_id, "all": pair_ids is None, "ids": list(pair_ids or [])},
-    ).fetchone()
+    )
+    row = await cur.fetchone()
     assert row is not None
     if row[0] is None:
         return "not_found", 0

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Engine
 
 from kombinat_api.settings import Settings
@@ -19,9 +20,9 @@ def engine_of(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def hot_engine_of(request: Request) -> Engine:
-    """The pool of the claim/submit/release hot path (prepared statements with generic plans)."""
-    return request.app.state.hot_engine
+def hot_pool_of(request: Request) -> AsyncConnectionPool:
+    """The asyncio pool of the claim/submit/release hot path (prepared statements with generic plans)."""
+    return request.app.state.hot_pool
 
 
 def limit_error(loc: tuple[str, ...], value: Any, maximum: int, what: str) -> RequestValidationError:

@@ -6,14 +6,13 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
 from kombinat_api import queue, trust
 from kombinat_api.auth import Principal, principal_in, token_of
-from kombinat_api.db import transaction
-from kombinat_api.routes.deps import engine_of, hot_engine_of, limit_error, settings_of
+from kombinat_api.db import async_transaction
+from kombinat_api.routes.deps import engine_of, hot_pool_of, limit_error, settings_of
 from kombinat_api.schemas import (
     ClaimRequest,
     ClaimResponse,
@@ -31,19 +30,19 @@ _ANY_JSON: TypeAdapter[Any] = TypeAdapter(Any)
 
 
 # The hot endpoints resolve the caller inside their own transaction: token check, rate-limit count and the
-# operation share one pooled connection, one thread hop and one commit.
+# operation share one pooled connection and one commit, all on the event loop (no thread hop; db.make_hot_pool).
 
 
 @router.post("/claim", response_model=ClaimResponse)
-def claim_batch(body: ClaimRequest, request: Request, token: str = Depends(token_of)) -> Response:
+async def claim_batch(body: ClaimRequest, request: Request, token: str = Depends(token_of)) -> Response:
     settings = settings_of(request)
-    with transaction(hot_engine_of(request)) as cur:
-        principal = principal_in(cur, request, token)
+    async with async_transaction(hot_pool_of(request)) as cur:
+        principal = await principal_in(cur, request, token)
         if body.size > settings.max_batch_size:
             raise limit_error(("body", "size"), body.size, settings.max_batch_size, "batch size")
         # New and low-reputation contributors get honeypot-heavy batches until they have earned trust.
         fraction = settings.honeypot_fraction if principal.trusted else settings.honeypot_fraction_untrusted
-        result = queue.claim(
+        result = await queue.claim(
             cur,
             principal.contributor_id,
             body.size,
@@ -101,28 +100,22 @@ async def submit_labels(
     token: str = Depends(token_of),
 ) -> SubmitResponse:
     body: LabelChunk = _json_body(LabelChunk, await request.body())
-    return await run_in_threadpool(_submit_labels, batch_id, body, request, background, token)
-
-
-def _submit_labels(
-    batch_id: uuid.UUID, body: LabelChunk, request: Request, background: BackgroundTasks, token: str
-) -> SubmitResponse:
     settings = settings_of(request)
     labels_json = _LABELS.dump_json(body.labels).decode()
-    hot_engine = hot_engine_of(request)
+    hot_pool = hot_pool_of(request)
     result = queue.SubmitResult("foreign")
     principal: Principal | None = None
     # A refusal can be a stale snapshot: a retry of this very chunk that waited on the batch lock while the
     # first attempt committed. One fresh attempt tells a real refusal from that race.
     for _attempt in range(2):
-        with transaction(hot_engine) as cur:
+        async with async_transaction(hot_pool) as cur:
             if principal is None:
-                principal = principal_in(cur, request, token)
+                principal = await principal_in(cur, request, token)
                 if len(body.labels) > settings.max_labels_per_chunk:
                     raise limit_error(
                         ("body", "labels"), len(body.labels), settings.max_labels_per_chunk, "chunk of labels"
                     )
-            result = queue.submit(
+            result = await queue.submit(
                 cur,
                 principal.contributor_id,
                 batch_id,
@@ -164,16 +157,16 @@ def _submit_labels(
 
 
 @router.post("/{batch_id}/release", response_model=ReleaseResponse)
-def release_batch(
+async def release_batch(
     batch_id: uuid.UUID,
     request: Request,
     body: ReleaseRequest | None = None,
     token: str = Depends(token_of),
 ) -> ReleaseResponse:
     pair_ids = body.pair_ids if body is not None else None
-    with transaction(hot_engine_of(request)) as cur:
-        principal = principal_in(cur, request, token)
-        outcome, released = queue.release(cur, principal.contributor_id, batch_id, pair_ids)
+    async with async_transaction(hot_pool_of(request)) as cur:
+        principal = await principal_in(cur, request, token)
+        outcome, released = await queue.release(cur, principal.contributor_id, batch_id, pair_ids)
     if outcome == "not_found":
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"Batch {batch_id} does not exist.")
     if outcome == "forbidden":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
+from typing import Any
 
 from tests.kombinat.conftest import Kombinat
 
@@ -156,23 +158,34 @@ def test_empty_queue_gives_an_empty_batch(kmb: Kombinat) -> None:
     uuid.UUID(batch["batch_id"])
 
 
-def test_label_commits_wait_for_the_wal_even_after_the_token_check(kmb: Kombinat) -> None:
+def test_label_commits_wait_for_the_wal_even_after_the_token_check(database_url: str, kmb: Kombinat) -> None:
     """The token check turns synchronous commit off for its transaction; a label submission in the same
     transaction must turn it back on, because the annotator forgets labels once they are acknowledged."""
     from kombinat_api import auth, queue
-    from kombinat_api.db import transaction
+    from kombinat_api.db import async_transaction, make_hot_pool
 
     kmb.admit()
     kmb.enqueue(2)
     alice = kmb.contributor(trusted=True)
     batch = kmb.claim(alice, 2)
-    with transaction(kmb.engine) as cur:
-        auth.resolve(cur, alice.token, 1000, 1000)
-        assert cur.execute("SHOW synchronous_commit").fetchone() == ("off",)
-        labels = json.dumps([{"pair_id": batch["pairs"][0]["pair_id"], "relevant": True, "p_relevant": 0.9}])
-        result = queue.submit(
-            cur, alice.id, uuid.UUID(batch["batch_id"]), labels,
-            {"backend": "llama_cpp", "model_id": "test/Tiny-LLM", "quantization": "Q4_K_M"}, 900, 0.66, 3, 1,
-        )  # fmt: skip
-        assert result.outcome == "ok" and result.accepted == 1
-        assert cur.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    labels = json.dumps([{"pair_id": batch["pairs"][0]["pair_id"], "relevant": True, "p_relevant": 0.9}])
+    model = {"backend": "llama_cpp", "model_id": "test/Tiny-LLM", "quantization": "Q4_K_M"}
+
+    async def token_check_then_submit() -> list[Any]:
+        pool = make_hot_pool(database_url, 1, 0)
+        await pool.open(wait=True)
+        try:
+            async with async_transaction(pool) as cur:
+                await auth.resolve_async(cur, alice.token, 1000, 1000, generic_plans=True)
+                seen = [await (await cur.execute("SHOW synchronous_commit")).fetchone()]
+                batch_id = uuid.UUID(batch["batch_id"])
+                seen.append(await queue.submit(cur, alice.id, batch_id, labels, model, 900, 0.66, 3, 1))
+                seen.append(await (await cur.execute("SHOW synchronous_commit")).fetchone())
+                return seen
+        finally:
+            await pool.close()
+
+    before, result, after = asyncio.run(token_check_then_submit())
+    assert before == ("off",)
+    assert result.outcome == "ok" and result.accepted == 1
+    assert after == ("on",)

@@ -100,13 +100,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far (/proc/stat), for the share PostgreSQL used."""
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy, total, stolen) CPU seconds of the whole machine so far (/proc/stat), for the share PostgreSQL used.
+    Stolen: time a virtual CPU was ready to run while the host ran something else (counted in busy, too)."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
+    steal = fields[7] if len(fields) > 7 else 0
     tick = os.sysconf("SC_CLK_TCK")
-    return (sum(fields) - idle) / tick, sum(fields) / tick
+    return (sum(fields) - idle) / tick, sum(fields) / tick, steal / tick
 
 
 def checkpoint_count(dsn: str) -> int:
@@ -623,6 +625,8 @@ def main() -> int:
             # the rest of the busy machine: PostgreSQL, plus anything else that ran meanwhile
             "postgresql_and_rest": round(busy - (cpu1[0] - cpu0[0] + cpu1[1] - cpu0[1]) / wall, 2),
             "machine_busy_of_cores": f"{busy:.2f} of {os.cpu_count()}",
+            # a shared host: CPU the hypervisor gave to others while this machine wanted it
+            "stolen_by_host_of_cores": round((machine1[2] - machine0[2]) / wall, 2),
         }
         stop_server(proc)
         proc = None

@@ -28,6 +28,10 @@ HOT_TABLES = ("pair", "batch")
 # every core at once stalls every request in flight (parallel vacuum workers were running during a burst of
 # slow claims in bench/queue.py; the API, not the vacuum, is what has to stay quick).
 VACUUM_SQL = f"VACUUM (SKIP_LOCKED, ANALYZE, PARALLEL 0) {', '.join(HOT_TABLES)}"
+# A manual VACUUM runs unthrottled: one pass over `pair` took a whole core for ~0.5 s every interval, and the
+# slowest claims of bench/queue.py fell into exactly those passes. Paced as autovacuum paces itself (its
+# default delay and cost limit), the pass takes a few seconds at a fraction of a core beside the requests.
+UPKEEP_SESSION = "-c vacuum_cost_delay=2ms -c vacuum_cost_limit=200"
 
 
 def vacuum_once(conn: psycopg.Connection) -> float:
@@ -47,7 +51,7 @@ async def run_upkeep(database_url: str, interval_s: float) -> None:
             await asyncio.sleep(interval_s)
             try:
                 if conn is None or conn.closed:
-                    conn = await asyncio.to_thread(psycopg.connect, dsn, autocommit=True)
+                    conn = await asyncio.to_thread(psycopg.connect, dsn, autocommit=True, options=UPKEEP_SESSION)
                 seconds = await asyncio.to_thread(vacuum_once, conn)
                 log.debug("vacuumed %s in %.3f s", ", ".join(HOT_TABLES), seconds)
             except psycopg.Error as exc:

@@ -75,6 +75,10 @@ from tests.support.postgres import (  # noqa: E402
 )
 
 CHUNK = 50
+# the targets of the issue this bench answers: what a 2-core machine must sustain with server, database and
+# load generator on it; reported, not enforced (a shared host moves them), unlike the correctness checks
+TARGET_LABELS_PER_S = 5_000
+TARGET_CLAIM_P99_MS = 100.0
 # the real annotator's defaults: its batch size, and its waits after a claim that found no work
 IDLE = WorkerConfig()
 
@@ -461,8 +465,10 @@ def main() -> int:
     ap.add_argument(
         "--rate",
         type=float,
-        default=120.0,
-        help="labels/s each simulated annotator produces (its model's speed); 0 = no labeling time (saturation)",
+        default=90.0,
+        help="labels/s each simulated annotator produces (its model's speed; default %(default)s: 64 of them offer "
+        "5,760 labels/s, above the 5,000 target, with the machine not saturated); 0 = no labeling time "
+        "(saturation: the throughput ceiling, with queueing in every latency)",
     )
     ap.add_argument("--db-pool-size", type=int, default=4, help="hot-path database connections per uvicorn worker")
     ap.add_argument("--db-max-overflow", type=int, default=0, help="extra hot-path connections per worker at peaks")
@@ -736,6 +742,11 @@ def main() -> int:
             "rate_per_annotator": args.rate or "unpaced",
             "checks": checks,
         }
+        result["targets_met"] = {
+            f">= {TARGET_LABELS_PER_S} labels/s sustained": result["labels_per_s_sustained_median_5s"]
+            >= TARGET_LABELS_PER_S,
+            f"claim p99 < {TARGET_CLAIM_P99_MS:.0f} ms (whole run)": result["claim_p99_ms"] < TARGET_CLAIM_P99_MS,
+        }
         print(json.dumps(result, indent=2))
         print("measuring the bare claim/submit statements through psycopg (no HTTP) ...")
         ceiling = bare_ceiling(
@@ -748,6 +759,7 @@ def main() -> int:
         )
         result["ceiling_psycopg"] = ceiling
         print(json.dumps({"ceiling_psycopg": ceiling}, indent=2))
+        targets = ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in result["targets_met"].items())
         print(
             f"\nSUMMARY: {result['labels_per_s_sustained_median_5s']:,} labels/s sustained "
             f"({result['labels_per_s_mean']:,} mean over {elapsed:.0f} s), {result['claims_per_s']} claims/s, "
@@ -755,7 +767,8 @@ def main() -> int:
             f"submit p50/p99 {result['submit_p50_ms']}/{result['submit_p99_ms']} ms; "
             f"ceiling (psycopg, {ceiling['threads']} threads): {ceiling['claims_per_s']} claims/s, "
             f"{ceiling['labels_per_s']:,} labels/s, claim p99 {ceiling['claim_p99_ms']} ms; "
-            f"checks {'all passed' if all(checks.values()) else 'FAILED: ' + str(checks)}"
+            f"checks {'all passed' if all(checks.values()) else 'FAILED: ' + str(checks)}; "
+            f"targets: {targets}"
         )
         if args.latency_log:
             t0 = min(t - lat for t, lat, _ in stats.claim_log)

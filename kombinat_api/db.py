@@ -78,9 +78,10 @@ def make_hot_pool(
 ) -> AsyncConnectionPool:
     """The request hot path's pool (claim, submit, release): asyncio connections used on the event loop.
 
-    Not a thread pool's: every hop between the event loop and a worker thread (and back, and through a
-    threaded pool's condition variables) cost a wake-up of another thread, ~10 % of a worker's CPU under
-    bench/queue.py, and made each request queue for the GIL behind the others. Not yet open: the caller
+    Not a thread pool's: a request waiting for a connection is a parked coroutine, not a thread holding one of
+    the 40 slots of the thread pool that every other (sync) endpoint shares, and no request hops to a thread
+    and back. Under bench/queue.py the workers' CPU per label came out the same either way (the thread
+    wake-ups it saves, ~9 % of their GIL samples, went to psycopg's async waiting). Not yet open: the caller
     awaits ``open()`` on its own event loop (the lifespan), and the pool connects in the background, so the
     server starts even while the database is still coming up."""
     return AsyncConnectionPool(

@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         # Everything made so far (modules, the app, its pydantic schemas: ~130k objects) lives as long as the
         # worker. Frozen, it is skipped by the cyclic GC: each full collection otherwise walked all of it with
-        # the GIL held, 80-170 ms every ~10 s under load, and stalled every request of the worker at once
+        # the GIL held, 80-240 ms every ~10 s under load, and stalled every request of the worker at once
         # (the slowest claims of bench/queue.py). Garbage is still freed by reference counting as before.
         gc.collect()
         gc.freeze()

@@ -433,6 +433,17 @@ def bare_ceiling(
     }
 
 
+def non_negative_float(value: str) -> float:
+    """A rate of 0 or more, checked before anything is started."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    return number
+
+
 def prepare_threshold_arg(value: str) -> int | None:
     """'none' (never prepare) or a count of executions >= 0, checked before anything is started."""
     if value.lower() == "none":
@@ -464,7 +475,7 @@ def main() -> int:
     ap.add_argument("--ceiling-seconds", type=float, default=20.0)
     ap.add_argument(
         "--rate",
-        type=float,
+        type=non_negative_float,
         default=90.0,
         help="labels/s each simulated annotator produces (its model's speed; default %(default)s: 64 of them offer "
         "5,760 labels/s, above the 5,000 target, with the machine not saturated); 0 = no labeling time "

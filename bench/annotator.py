@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from annotator.backends.base import Pair, order_pairs  # noqa: E402
 from annotator.backends.llama_cpp import LlamaCppBackend, default_threads  # noqa: E402
 from annotator.prompt import messages  # noqa: E402
-from embedkomb_pipeline.agreement import auc, best_threshold, cohens_kappa  # noqa: E402
+from embedkomb_pipeline.labeling.agreement import auc, best_threshold, cohens_kappa  # noqa: E402
 
 MODELS = {
     # name: (file in models/, what it is)
@@ -121,7 +121,7 @@ def build_pairs(folder: Path, min_grade: int, n_queries: int, seed: int) -> list
 
 
 def kappa(pred: Sequence[bool], gold: Sequence[bool]) -> float:
-    """Cohen's κ (embedkomb_pipeline.agreement, as model qualification computes it); NaN when nothing was parsed."""
+    """Cohen's κ (embedkomb_pipeline.labeling.agreement, as model qualification computes it); NaN when nothing was parsed."""
     return cohens_kappa(list(pred), list(gold)) if gold else float("nan")
 
 

@@ -36,14 +36,14 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
 
 
 def build_sample(data_dir: Path, out: Path) -> None:
-    from embedkomb_pipeline.sources import iter_sample_split, write_source_pairs
+    from embedkomb_pipeline.sources.pairs import iter_sample_split, write_source_pairs
 
     write_source_pairs(iter_sample_split("scifact_title_abstract", data_dir), "scifact_title_abstract", out)
 
 
 def build_large(data_dir: Path, out: Path, min_documents: int = 100_000) -> None:
-    from embedkomb_pipeline.beir import iter_jsonl
-    from embedkomb_pipeline.sources import write_source_pairs
+    from embedkomb_pipeline.sources.beir import iter_jsonl
+    from embedkomb_pipeline.sources.pairs import write_source_pairs
 
     sentence_pairs: dict[str, list[str]] = {"query": [], "document": [], "dataset": []}
     windows: list[tuple[str, str]] = []
@@ -72,8 +72,8 @@ def build_large(data_dir: Path, out: Path, min_documents: int = 100_000) -> None
 
 
 def run_ours(source: Path, top_k: int, precision: str, work: Path) -> dict:
-    from embedkomb_pipeline.embedding import DenseEncoder, EmbeddingCache, default_base_model_path
-    from embedkomb_pipeline.mining import MiningConfig, mine_split
+    from embedkomb_pipeline.mining.embedding import DenseEncoder, EmbeddingCache, default_base_model_path
+    from embedkomb_pipeline.mining.retrieval import MiningConfig, mine_split
 
     started = time.perf_counter()
     encoder = DenseEncoder(default_base_model_path(), name="all-MiniLM-L6-v2", precision=precision)
@@ -99,7 +99,7 @@ def run_mine_hard_negatives(source: Path, top_k: int, precision: str) -> dict:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from embedkomb_pipeline.embedding import default_base_model_path
+    from embedkomb_pipeline.mining.embedding import default_base_model_path
 
     started = time.perf_counter()
     model = SentenceTransformer(str(default_base_model_path()), device="cpu")
@@ -209,7 +209,7 @@ def main() -> None:
         worker(args)
         return
 
-    from embedkomb_pipeline.embedding import default_precision
+    from embedkomb_pipeline.mining.embedding import default_precision
 
     precision = default_precision()
     print(f"machine: {os.cpu_count()} cores; our precision here: {precision}; K = {args.top_k}")

@@ -2,7 +2,7 @@
 
     flock /tmp/embedkomb-bench.lock .venv/bin/python bench/qualification.py [--models smollm2-135m ...]
 
-Runs embedkomb_pipeline.qualification exactly as the `model_qualification` asset does (same gold set: SciFact
+Runs embedkomb_pipeline.evaluation.qualification exactly as the `model_qualification` asset does (same gold set: SciFact
 and MS MARCO DL19 *test* qrels, relevant vs random unjudged documents; threshold calibrated on half the queries,
 figures on the other half), without publishing to kombinat. Writes report.json / report.md to --out and prints
 the table. Scores are cached per model under --out/scores, so a re-run with another --kappa-min is instant.
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
 
-from embedkomb_pipeline.qualification import (  # noqa: E402
+from embedkomb_pipeline.evaluation.qualification import (  # noqa: E402
     DEFAULT_MODELS_DIR,
     offline_candidates,
     parse_sources,

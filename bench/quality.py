@@ -40,7 +40,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 sys.path.insert(0, str(REPO))
 
 if TYPE_CHECKING:
-    from embedkomb_pipeline.beir import BeirDataset
+    from embedkomb_pipeline.sources.beir import BeirDataset
     from embedkomb_pipeline.training.data import TrainingSet
 
 
@@ -149,8 +149,8 @@ def build_training_set(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from embedkomb_pipeline.mining import CANDIDATE_SCHEMA
-    from embedkomb_pipeline.sources import iter_sample_split, write_source_pairs
+    from embedkomb_pipeline.mining.retrieval import CANDIDATE_SCHEMA
+    from embedkomb_pipeline.sources.pairs import iter_sample_split, write_source_pairs
     from embedkomb_pipeline.training.data import build_training_set as build
 
     source = work / "source.parquet"
@@ -212,8 +212,8 @@ def main() -> None:
 
     import torch
 
-    from embedkomb_pipeline.beir import load_beir
-    from embedkomb_pipeline.embedding import default_base_model_path, default_precision
+    from embedkomb_pipeline.sources.beir import load_beir
+    from embedkomb_pipeline.mining.embedding import default_base_model_path, default_precision
     from embedkomb_pipeline.training.coordinate_ascent import TowerTrainer, TrainConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -38,7 +38,7 @@ def build_rows(data_dir: Path, corpus: int, work: Path) -> Path:
     import bm25s
     import polars as pl
 
-    from embedkomb_pipeline.sources import iter_sample_split, write_source_pairs
+    from embedkomb_pipeline.sources.pairs import iter_sample_split, write_source_pairs
 
     source = work / "source.parquet"
     write_source_pairs(iter_sample_split("scifact_title_abstract", data_dir), "scifact_title_abstract", source)
@@ -64,7 +64,7 @@ def peak_memory_mb(device: str) -> float:
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from embedkomb_pipeline.embedding import default_base_model_path
+    from embedkomb_pipeline.mining.embedding import default_base_model_path
     from embedkomb_pipeline.training.coordinate_ascent import TowerTrainer, TrainConfig
     from embedkomb_pipeline.training.data import TrainingSet
 

@@ -1,4 +1,4 @@
-"""source_pairs (per split) and mining_shard (per split × cycle) with their checks."""
+"""mining_shard (per split × cycle) with its check; its input, source_pairs, is in defs/sources.py."""
 
 import dagster as dg
 import duckdb
@@ -11,35 +11,10 @@ from embedkomb_pipeline.defs.partitions import (
     split_cycle_partitions,
     split_partitions,
 )
-from embedkomb_pipeline.defs.resources import DenseModelResource, LakeResource, SourceDataResource
-from embedkomb_pipeline.embedding import EmbeddingCache
-from embedkomb_pipeline.mining import MiningConfig, mine_split
-from embedkomb_pipeline.sources import write_source_pairs
-
-
-@dg.asset(
-    partitions_def=split_partitions,
-    group_name="mining",
-    kinds={"parquet", "huggingface"},
-    description="The split's known (query, document) positives: normalized, de-duplicated, keyed by text hash.",
-)
-def source_pairs(
-    context: dg.AssetExecutionContext, lake: LakeResource, source_data: SourceDataResource
-) -> dg.MaterializeResult:
-    split = context.partition_key
-    path = lake.source_pairs_path(split)
-    stats = write_source_pairs(source_data.iter_split(split), split, path)
-    if stats.rows_written == 0:
-        raise ValueError(f"split {split!r} produced no usable pairs ({stats.rows_read} read, all empty)")
-    context.log.info(f"{split}: {stats.rows_written} pairs from {source_data.describe(split)}")
-    return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(str(path)),
-            "origin": source_data.describe(split),
-            "dagster/row_count": stats.rows_written,
-            **stats.as_metadata(),
-        }
-    )
+from embedkomb_pipeline.defs.resources import DenseModelResource, LakeResource
+from embedkomb_pipeline.mining.embedding import EmbeddingCache
+from embedkomb_pipeline.mining.retrieval import MiningConfig, mine_split
+from embedkomb_pipeline.defs.sources import source_pairs
 
 
 class MiningShardConfig(dg.Config):
@@ -139,13 +114,6 @@ def mining_shard_is_clean(context: dg.AssetCheckExecutionContext, lake: LakeReso
     )
 
 
-# one job per partitioning: Dagster runs a job over a single partitions definition
-source_pairs_job = dg.define_asset_job(
-    "source_pairs_job",
-    selection=dg.AssetSelection.assets(source_pairs),
-    partitions_def=split_partitions,
-    description="Load and normalize a split's source pairs.",
-)
 mining_job = dg.define_asset_job(
     "mining_job",
     selection=dg.AssetSelection.assets(mining_shard),

@@ -7,7 +7,7 @@ import warnings
 import dagster as dg
 
 from embedkomb_pipeline.settings import hub_splits
-from embedkomb_pipeline.sources import SAMPLE_SPLITS
+from embedkomb_pipeline.sources.pairs import SAMPLE_SPLITS
 
 CYCLE_PARTITIONS_NAME = "cycle"
 

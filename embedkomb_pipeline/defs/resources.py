@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 
-from embedkomb_pipeline.embedding import DenseEncoder, default_base_model_path
-from embedkomb_pipeline.export import push_to_hub
+from embedkomb_pipeline.mining.embedding import DenseEncoder, default_base_model_path
+from embedkomb_pipeline.labeling.export import push_to_hub
 from embedkomb_pipeline.hub import HubUpload, upload_files
-from embedkomb_pipeline.kombinat_client import KombinatAdminClient
+from embedkomb_pipeline.labeling.kombinat_client import KombinatAdminClient
 from embedkomb_pipeline.settings import BEIR_HUB_IDS, default_data_dir, default_storage_dir
-from embedkomb_pipeline.sources import (
+from embedkomb_pipeline.sources.pairs import (
     HUB_REPO_ID,
     SAMPLE_SPLITS,
     RawBatch,
@@ -196,3 +197,27 @@ class QualityThresholds(dg.ConfigurableResource):
     min_pairs_for_kappa: int = 10
     # the mteb_scores check fails when a checkpoint's nDCG@10 on a task drops more than this below the last cycle's
     mteb_regression_tolerance: float = 0.01
+
+
+# Resources bound for the whole code location (load_from_defs_folder picks this up); tests and the demo bind
+# their own.
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(
+        resources={
+            "lake": LakeResource(),
+            "source_data": HubSourceData(),
+            "dense_model": DenseModelResource(),
+            "kombinat": KombinatResource(
+                url=os.environ.get("KOMBINAT_URL", "http://127.0.0.1:8000"),
+                admin_token=dg.EnvVar("KOMBINAT_ADMIN_TOKEN"),
+            ),
+            "publisher": DatasetPublisherResource(
+                repo_id=os.environ.get("EMBEDKOMB_HUB_DATASET_REPO"), token=os.environ.get("HF_TOKEN")
+            ),
+            "checkpoint_publisher": CheckpointPublisherResource(
+                repo_id=os.environ.get("EMBEDKOMB_HUB_MODEL_REPO"), token=os.environ.get("HF_TOKEN")
+            ),
+            "quality": QualityThresholds(),
+        }
+    )

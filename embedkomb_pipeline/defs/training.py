@@ -13,7 +13,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from embedkomb_pipeline.defs.loop import export_job, materialized_shards, verified_pairs
+from embedkomb_pipeline.defs.labeling import export_job, materialized_shards, verified_pairs
 from embedkomb_pipeline.defs.partitions import CYCLE_PARTITIONS_NAME, cycle_key, cycle_number, cycle_partitions
 from embedkomb_pipeline.defs.resources import (
     CheckpointPublisherResource,
@@ -21,7 +21,7 @@ from embedkomb_pipeline.defs.resources import (
     KombinatResource,
     LakeResource,
 )
-from embedkomb_pipeline.embedding import default_base_model_path
+from embedkomb_pipeline.mining.embedding import default_base_model_path
 from embedkomb_pipeline.training.checkpoint import train_checkpoint, verified_splits
 from embedkomb_pipeline.training.coordinate_ascent import TrainConfig
 

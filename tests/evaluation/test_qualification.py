@@ -15,11 +15,11 @@ import httpx
 import pytest
 
 from annotator.models import RegistryEntry
-from embedkomb_pipeline.agreement import accuracy, auc, best_threshold, cohens_kappa
-from embedkomb_pipeline.defs.qualification import model_qualification
+from embedkomb_pipeline.labeling.agreement import accuracy, auc, best_threshold, cohens_kappa
+from embedkomb_pipeline.defs.evaluation import model_qualification
 from embedkomb_pipeline.defs.resources import KombinatResource, LakeResource
-from embedkomb_pipeline.gold import HONEYPOT_SOURCES, QUALIFICATION_SOURCES, build_gold_pairs
-from embedkomb_pipeline.qualification import (
+from embedkomb_pipeline.sources.gold import HONEYPOT_SOURCES, QUALIFICATION_SOURCES, build_gold_pairs
+from embedkomb_pipeline.evaluation.qualification import (
     QualificationError,
     assert_disjoint,
     offline_candidates,

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedkomb_pipeline.embedding import DenseEncoder, default_base_model_path
-from embedkomb_pipeline.sources import write_source_pairs
+from embedkomb_pipeline.mining.embedding import DenseEncoder, default_base_model_path
+from embedkomb_pipeline.sources.pairs import write_source_pairs
 from tests.conftest import REPO_ROOT
 from tests.support.postgres import create_database, drop_database
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from embedkomb_pipeline.beir import DataFormatError, load_beir, resolve_beir_root
+from embedkomb_pipeline.sources.beir import DataFormatError, load_beir, resolve_beir_root
 
 
 def test_loads_real_scifact_with_official_counts(shared_data: Path) -> None:

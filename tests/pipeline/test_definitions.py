@@ -9,7 +9,8 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from embedkomb_pipeline.defs.mining import mining_shard, mining_shard_is_clean, source_pairs
+from embedkomb_pipeline.defs.mining import mining_shard, mining_shard_is_clean
+from embedkomb_pipeline.defs.sources import source_pairs
 from embedkomb_pipeline.defs.partitions import CYCLE_PARTITIONS_NAME, cycle_key, cycle_number
 from embedkomb_pipeline.defs.resources import DenseModelResource, LakeResource, LocalSourceData
 from tests.conftest import MIRROR_SPLIT

@@ -20,9 +20,9 @@ import psutil
 import pytest
 from rich.console import Console
 
-from embedkomb_pipeline import demo
+from embedkomb_pipeline.demo import runner as demo
 from embedkomb_pipeline.defs.resources import LocalSourceData
-from embedkomb_pipeline.demo import DemoConfig, run_demo
+from embedkomb_pipeline.demo.runner import DemoConfig, run_demo
 from tests.annotator.conftest import TINY_MODEL
 from tests.conftest import MIRROR_SPLIT
 from tests.pipeline.conftest import scifact_rows, write_hub_mirror
@@ -127,7 +127,7 @@ def test_demo_runs_a_whole_cycle_on_embedded_postgres_and_resumes_without_duplic
 def test_the_demo_keeps_library_chatter_off_its_board() -> None:
     probe = (
         "import warnings, datasets\n"
-        "from embedkomb_pipeline.demo import quiet_libraries\n"
+        "from embedkomb_pipeline.demo.runner import quiet_libraries\n"
         "quiet_libraries()\n"
         "warnings.warn('renamed', FutureWarning)\n"
         "print('bars', datasets.is_progress_bar_enabled())\n"

@@ -29,14 +29,15 @@ import polars as pl
 import pytest
 
 from annotator import auth
-from embedkomb_pipeline.defs.loop import (
+from embedkomb_pipeline.defs.labeling import (
     honeypots,
     labeled_pairs,
     refill_sensor,
     verified_pairs,
     work_queue,
 )
-from embedkomb_pipeline.defs.mining import mining_shard, source_pairs
+from embedkomb_pipeline.defs.mining import mining_shard
+from embedkomb_pipeline.defs.sources import source_pairs
 from embedkomb_pipeline.defs.partitions import CYCLE_PARTITIONS_NAME
 from embedkomb_pipeline.defs.resources import (
     DatasetPublisherResource,

@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 import torch
 
-from embedkomb_pipeline.embedding import DenseEncoder, EmbeddingCache, default_base_model_path
+from embedkomb_pipeline.mining.embedding import DenseEncoder, EmbeddingCache, default_base_model_path
 from embedkomb_pipeline.ids import pair_id
-from embedkomb_pipeline.mining import MiningConfig, derive_nlist, mine_split, rrf_fuse
+from embedkomb_pipeline.mining.retrieval import MiningConfig, derive_nlist, mine_split, rrf_fuse
 
 
 def test_rrf_matches_a_hand_computed_example() -> None:
@@ -165,7 +165,7 @@ def test_ivf_index_is_used_above_the_exact_threshold(small_source: Path, encoder
 def test_long_documents_are_counted_as_over_the_model_window(
     shared_data: Path, encoder: DenseEncoder, tmp_path: Path
 ) -> None:
-    from embedkomb_pipeline.sources import write_source_pairs
+    from embedkomb_pipeline.sources.pairs import write_source_pairs
     from tests.pipeline.conftest import scifact_rows
 
     rows = scifact_rows(shared_data, 30, max_chars=20_000)

@@ -7,8 +7,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from embedkomb_pipeline.kombinat_client import KombinatAdminClient, KombinatError
-from embedkomb_pipeline.queue_feed import feed_queue, read_offset
+from embedkomb_pipeline.labeling.kombinat_client import KombinatAdminClient, KombinatError
+from embedkomb_pipeline.labeling.queue_feed import feed_queue, read_offset
 from tests.support.kombinat_server import running_kombinat
 
 

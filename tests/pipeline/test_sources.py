@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from embedkomb_pipeline.ids import normalize_text, text_hash
-from embedkomb_pipeline.sources import (
+from embedkomb_pipeline.sources.pairs import (
     UnknownSplitError,
     iter_hub_split,
     iter_sample_split,

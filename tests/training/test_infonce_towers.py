@@ -9,7 +9,7 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from embedkomb_pipeline.embedding import default_base_model_path
+from embedkomb_pipeline.mining.embedding import default_base_model_path
 from embedkomb_pipeline.training.coordinate_ascent import TowerTrainer, TrainConfig
 from embedkomb_pipeline.training.data import build_training_set, export_files
 from tests.training.conftest import SPLIT, build_lake

@@ -4,7 +4,7 @@ Each candidate model (the offline GGUFs that scripts/fetch_models.py assembles, 
 a gold set with the annotator's own llama.cpp backend and prompt, exactly as a volunteer's machine would:
 one forward pass, P(yes) vs P(no). The gold set is human-judged relevant pairs and clearly non-relevant ones
 (the same query with a random unjudged document) from the *test* qrels, which the honeypots never use
-(embedkomb_pipeline.gold keeps them apart; `assert_disjoint` checks it again against the honeypot file).
+(embedkomb_pipeline.sources.gold keeps them apart; `assert_disjoint` checks it again against the honeypot file).
 
 The gold set is split by query into a calibration part and an evaluation part. The decision threshold that
 maximises κ on the calibration part is applied to the evaluation part (a fixed 0.5 is poor for small models:
@@ -33,8 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from embedkomb_pipeline.agreement import accuracy, auc, best_threshold, kappa_at
-from embedkomb_pipeline.gold import QUALIFICATION_SOURCES, GoldSource, build_gold_pairs
+from embedkomb_pipeline.labeling.agreement import accuracy, auc, best_threshold, kappa_at
+from embedkomb_pipeline.sources.gold import QUALIFICATION_SOURCES, GoldSource, build_gold_pairs
 from embedkomb_pipeline.settings import REPO_ROOT
 
 DEFAULT_MODELS_DIR = REPO_ROOT / "models"

@@ -1,6 +1,6 @@
 """Agreement of scores and verdicts with gold labels: AUC, Cohen's κ, and the κ-maximising decision threshold.
 
-Shared by the model qualification (embedkomb_pipeline.qualification) and bench/annotator.py, so that a model's
+Shared by the model qualification (embedkomb_pipeline.evaluation.qualification) and bench/annotator.py, so that a model's
 benchmark numbers and its admission decision are computed the same way.
 """
 
@@ -10,7 +10,7 @@ import itertools
 import math
 from collections.abc import Sequence
 
-from embedkomb_pipeline.labels import cohens_kappa
+from embedkomb_pipeline.labeling.snapshots import cohens_kappa
 
 __all__ = ["accuracy", "auc", "best_threshold", "cohens_kappa", "kappa_at"]
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedkomb_pipeline.beir import load_beir
-from embedkomb_pipeline.embedding import fingerprint_model_dir
+from embedkomb_pipeline.sources.beir import load_beir
+from embedkomb_pipeline.mining.embedding import fingerprint_model_dir
 
 if TYPE_CHECKING:
     from mteb.abstasks.retrieval import AbsTaskRetrieval

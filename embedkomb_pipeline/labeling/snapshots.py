@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
-from embedkomb_pipeline.kombinat_client import KombinatAdminClient
+from embedkomb_pipeline.labeling.kombinat_client import KombinatAdminClient
 
 LABEL_SCHEMA = {
     "label_id": pl.Int64,

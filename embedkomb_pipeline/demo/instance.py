@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from embedkomb_pipeline.services import ensure_database  # TCP and Unix-socket URLs (the embedded server)
+from embedkomb_pipeline.demo.services import ensure_database  # TCP and Unix-socket URLs (the embedded server)
 from embedkomb_pipeline.settings import REPO_ROOT
 
 DEFAULT_DAGSTER_POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/embedkomb_dagster"

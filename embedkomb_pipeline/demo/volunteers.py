@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from embedkomb_pipeline.services import child_process, local_contributor_token, stop_process, temporary_environ
+from embedkomb_pipeline.demo.services import child_process, local_contributor_token, stop_process, temporary_environ
 from embedkomb_pipeline.settings import REPO_ROOT
 
 MODELS_DIR = REPO_ROOT / "models"

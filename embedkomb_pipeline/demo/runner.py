@@ -36,8 +36,9 @@ import platformdirs
 import polars as pl
 from rich.console import Console
 
-from embedkomb_pipeline.defs.loop import honeypots, labeled_pairs, verified_pairs, work_queue
-from embedkomb_pipeline.defs.mining import mining_shard, source_pairs
+from embedkomb_pipeline.defs.labeling import honeypots, labeled_pairs, verified_pairs, work_queue
+from embedkomb_pipeline.defs.mining import mining_shard
+from embedkomb_pipeline.defs.sources import source_pairs
 from embedkomb_pipeline.defs.partitions import CYCLE_PARTITIONS_NAME
 from embedkomb_pipeline.defs.resources import (
     DenseModelResource,
@@ -48,13 +49,13 @@ from embedkomb_pipeline.defs.resources import (
     SourceDataResource,
 )
 from embedkomb_pipeline.defs.training import checkpoint
-from embedkomb_pipeline.demo_display import Board, DemoSummary, LabelingView, render_summary
-from embedkomb_pipeline.embedding import default_precision
-from embedkomb_pipeline.queue_feed import read_offset
-from embedkomb_pipeline.services import LocalServices, free_port, kombinat_counts, local_services, temporary_environ
+from embedkomb_pipeline.demo.display import Board, DemoSummary, LabelingView, render_summary
+from embedkomb_pipeline.mining.embedding import default_precision
+from embedkomb_pipeline.labeling.queue_feed import read_offset
+from embedkomb_pipeline.demo.services import LocalServices, free_port, kombinat_counts, local_services, temporary_environ
 from embedkomb_pipeline.settings import REPO_ROOT
-from embedkomb_pipeline.sources import SAMPLE_SPLITS
-from embedkomb_pipeline.volunteers import (
+from embedkomb_pipeline.sources.pairs import SAMPLE_SPLITS
+from embedkomb_pipeline.demo.volunteers import (
     LabelingConfig,
     Volunteer,
     admit_model,
@@ -148,7 +149,7 @@ def demo_session(
     config: DemoConfig, source_data: SourceDataResource | None = None, database_url: str | None = None
 ) -> Iterator[DemoSession]:
     """Start PostgreSQL (configured or embedded) and kombinat, open the Dagster instance; stop all on exit."""
-    from embedkomb_pipeline.instance import project_instance
+    from embedkomb_pipeline.demo.instance import project_instance
 
     log_dir = config.demo_dir / "logs"
     with ExitStack() as stack:
@@ -180,7 +181,7 @@ def demo_session(
 def demo_resources(**overrides: Any) -> dict[str, Any]:
     """The code location's resources with the demo's in their place, and every Hub publisher switched off
     (whatever HF_TOKEN says: the demo never pushes)."""
-    from embedkomb_pipeline.defs.definitions_resources import resources as location_resources
+    from embedkomb_pipeline.defs.resources import resources as location_resources
 
     resources = dict(location_resources().resources)
     for key, resource in resources.items():
@@ -568,6 +569,3 @@ def main(argv: list[str] | None = None) -> None:
         console.print("[yellow]interrupted[/]: every service was stopped; `make demo` again resumes where it left off")
         sys.exit(130)
 
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,8 @@ import dagster as dg
 import duckdb
 import polars as pl
 
-from embedkomb_pipeline.defs.mining import mining_shard, source_pairs
+from embedkomb_pipeline.defs.mining import mining_shard
+from embedkomb_pipeline.defs.sources import source_pairs
 from embedkomb_pipeline.defs.partitions import (
     from_split,
     split_and_cycle,
@@ -24,10 +25,10 @@ from embedkomb_pipeline.defs.resources import (
     QualityThresholds,
     SourceDataResource,
 )
-from embedkomb_pipeline.export import write_verified
-from embedkomb_pipeline.gold import HONEYPOT_SOURCES, build_gold_pairs
-from embedkomb_pipeline.labels import contributor_kappas, pairwise_kappa, per_model_stats, pull_labels
-from embedkomb_pipeline.queue_feed import feed_queue, read_offset
+from embedkomb_pipeline.labeling.export import write_verified
+from embedkomb_pipeline.sources.gold import HONEYPOT_SOURCES, build_gold_pairs
+from embedkomb_pipeline.labeling.snapshots import contributor_kappas, pairwise_kappa, per_model_stats, pull_labels
+from embedkomb_pipeline.labeling.queue_feed import feed_queue, read_offset
 from embedkomb_pipeline.settings import default_data_dir
 
 

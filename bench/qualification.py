@@ -1,6 +1,6 @@
 """Qualification report for the offline labeling models: AUC, accuracy and Cohen's κ against human judgments.
 
-    flock /tmp/embedkomb-bench.lock .venv/bin/python bench/qualification.py [--models smollm2-135m ...]
+    flock /tmp/embedkomb-bench.lock .venv/bin/python -m bench.qualification [--models smollm2-135m ...]
 
 Runs embedkomb_pipeline.evaluation.qualification exactly as the `model_qualification` asset does (same gold set: SciFact
 and MS MARCO DL19 *test* qrels, relevant vs random unjudged documents; threshold calibrated on half the queries,
@@ -14,12 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# bench/queue.py would shadow the standard library's queue: drop bench/ from the path
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(REPO))
-
-from embedkomb_pipeline.evaluation.qualification import (  # noqa: E402
+from embedkomb_pipeline.evaluation.qualification import (
     DEFAULT_MODELS_DIR,
     offline_candidates,
     parse_sources,
@@ -28,7 +23,9 @@ from embedkomb_pipeline.evaluation.qualification import (  # noqa: E402
     report_markdown,
     write_report,
 )
-from embedkomb_pipeline.settings import default_data_dir  # noqa: E402
+from embedkomb_pipeline.settings import default_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:

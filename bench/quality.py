@@ -20,7 +20,7 @@ builds it), binary qrels, nDCG@10 computed here; (a) should reproduce MTEB's pub
 Caveat: the titles and abstracts are SciFact's own corpus, so training sees the evaluation documents (never
 the test claims or their judgments) — as a domain split would in the pipeline.
 
-    flock -x /tmp/embedkomb-cpu.lock .venv/bin/python bench/quality.py --steps 40
+    flock -x /tmp/embedkomb-cpu.lock .venv/bin/python -m bench.quality --steps 40
 """
 
 from __future__ import annotations
@@ -29,15 +29,11 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[1]
-# bench/queue.py would shadow the standard library's queue (psycopg imports it via the pipeline): drop bench/
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(REPO))
 
 if TYPE_CHECKING:
     from embedkomb_pipeline.sources.beir import BeirDataset
@@ -212,8 +208,8 @@ def main() -> None:
 
     import torch
 
-    from embedkomb_pipeline.sources.beir import load_beir
     from embedkomb_pipeline.mining.embedding import default_base_model_path, default_precision
+    from embedkomb_pipeline.sources.beir import load_beir
     from embedkomb_pipeline.training.coordinate_ascent import TowerTrainer, TrainConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

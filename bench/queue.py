@@ -1,6 +1,6 @@
 """Benchmark of kombinat's work queue, end to end over HTTP and for the bare claim statement.
 
-    flock /tmp/embedkomb-bench.lock .venv/bin/python bench/queue.py [--pairs 200000 --annotators 64 ...]
+    flock /tmp/embedkomb-bench.lock .venv/bin/python -m bench.queue [--pairs 200000 --annotators 64 ...]
 
 1. Makes its own fresh database on the local PostgreSQL, migrates it, starts kombinat under uvicorn with
    several workers on a free loopback port.
@@ -19,30 +19,23 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import gc
+import hashlib
+import itertools
+import json
 import os
+import random
+import statistics
 import sys
-
-# This file is named like the standard library's `queue`; keep its folder off the import path so that
-# `import queue` elsewhere (asyncio, concurrent.futures, httpx) gets the real one.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _here]
-sys.path.insert(0, os.path.dirname(_here))
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import gc  # noqa: E402
-import hashlib  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
 
 try:
     import sniffio  # noqa: F401
@@ -51,14 +44,14 @@ except ImportError:
     # (it was ~15 % of the load generator's CPU). Caching the miss keeps the generator's CPU for load.
     sys.modules["sniffio"] = None  # type: ignore[assignment]
 
-import httpx  # noqa: E402
-import psycopg  # noqa: E402
+import httpx
+import psycopg
 
-from annotator.worker import WorkerConfig  # noqa: E402
-from kombinat_api import queue as kq  # noqa: E402
-from kombinat_api.auth import issue_token  # noqa: E402
-from kombinat_api.db import make_engine  # noqa: E402
-from tests.support.kombinat_server import (  # noqa: E402
+from annotator.worker import WorkerConfig
+from kombinat_api import queue as kq
+from kombinat_api.auth import issue_token
+from kombinat_api.db import make_engine
+from tests.support.kombinat_server import (
     TEST_MODEL,
     bearer,
     make_admin_token,
@@ -66,7 +59,7 @@ from tests.support.kombinat_server import (  # noqa: E402
     start_server,
     stop_server,
 )
-from tests.support.postgres import (  # noqa: E402
+from tests.support.postgres import (
     admin_dsn,
     create_database,
     drop_database,

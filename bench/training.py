@@ -11,8 +11,8 @@ torch.cuda.max_memory_allocated on a GPU. examples/s counts training titles per 
 steps (the first included for every method). For the exact softmax the cache build (one no-grad pass of the frozen
 tower over the corpus, once per phase) is reported apart and amortized over one epoch of the corpus.
 
-    flock /tmp/embedkomb-bench.lock .venv/bin/python bench/training.py             # CPU here, GPU when present
-    python bench/training.py --corpus 5183 --steps 20 --batch-size 64 --max-seq-length 128
+    flock /tmp/embedkomb-bench.lock .venv/bin/python -m bench.training             # CPU here, GPU when present
+    python -m bench.training --corpus 5183 --steps 20 --batch-size 64 --max-seq-length 128
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# bench/queue.py would shadow the standard library's queue (psycopg imports it via the pipeline): drop bench/
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(REPO))
 
 
 def build_rows(data_dir: Path, corpus: int, work: Path) -> Path:
@@ -196,11 +193,11 @@ def main() -> None:
         rows = build_rows(Path(args.data_dir) / "scifact", args.corpus, Path(work))
         results = []
         for method in args.methods.split(","):
-            cmd = [sys.executable, __file__, "--worker", method, "--rows", str(rows)]
+            cmd = [sys.executable, "-m", "bench.training", "--worker", method, "--rows", str(rows)]
             for flag in ("corpus", "steps", "batch_size", "max_seq_length", "chunk_size"):
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=REPO)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)

@@ -257,7 +257,9 @@ def format_row(r: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["tiny", "qwen1.5b"], choices=list(MODELS))
     parser.add_argument(
         "--data", type=Path, default=Path(os.environ.get("EMBEDKOMB_DATA_DIR", REPO.parent / "shared" / "data"))

@@ -192,7 +192,9 @@ def report(name: str, top_k: int, ours: dict, others: dict[str, dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--corpus", choices=["sample", "large", "both"], default="both")
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument(

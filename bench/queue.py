@@ -451,7 +451,9 @@ def prepare_threshold_arg(value: str) -> int | None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--pairs", type=int, default=200_000)
     ap.add_argument("--annotators", type=int, default=64)
     ap.add_argument(

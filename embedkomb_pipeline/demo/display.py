@@ -19,6 +19,8 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from embedkomb_pipeline.formatting import number
+
 _ICONS = {"pending": "[dim]·[/]", "done": "[green]✓[/]", "skipped": "[cyan]↷[/]", "failed": "[red]✗[/]"}
 
 
@@ -171,10 +173,6 @@ class DemoSummary:
         }
 
 
-def _f(value: float | None, digits: int = 3) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
 def render_summary(s: DemoSummary, console: Console) -> None:
     counts = Table(title=f"cycle {s.cycle} of {s.split}", show_header=True, header_style="bold")
     counts.add_column("")
@@ -194,12 +192,12 @@ def render_summary(s: DemoSummary, console: Console) -> None:
     for col in ("volunteer", "labels", "honeypot accuracy", "reputation", "pairs/s"):
         quality.add_column(col, justify="left" if col == "volunteer" else "right")
     for v in s.volunteers:
-        quality.add_row(v["login"], f"{v['labels']:,}", _f(v["honeypot_accuracy"], 2), _f(v["reputation"], 2),
-                        _f(v.get("rate"), 1))  # fmt: skip
+        quality.add_row(v["login"], f"{v['labels']:,}", number(v["honeypot_accuracy"], 2), number(v["reputation"], 2),
+                        number(v.get("rate"), 1))  # fmt: skip
     console.print(quality)
     console.print(
-        f"agreement: Cohen's κ (first two labels of a pair) {_f(s.kappa)}; mean agreement of verified pairs "
-        f"{_f(s.mean_agreement)}"
+        f"agreement: Cohen's κ (first two labels of a pair) {number(s.kappa)}; mean agreement of verified pairs "
+        f"{number(s.mean_agreement)}"
     )
     if s.checks:
         console.print("checks: " + ", ".join(f"{k} {'[green]passed[/]' if v else '[red]failed[/]'}"
@@ -207,8 +205,8 @@ def render_summary(s: DemoSummary, console: Console) -> None:
     if s.scores:
         base, after = s.scores.get("base"), s.scores.get("checkpoint")
         delta = f" ({after - base:+.4f})" if base is not None and after is not None else ""
-        console.print(f"nDCG@10 on {s.scores.get('task', 'SciFact')}: base {_f(base, 4)} → checkpoint {_f(after, 4)}"
-                      f"{delta}")  # fmt: skip
+        task = s.scores.get("task", "SciFact")
+        console.print(f"nDCG@10 on {task}: base {number(base, 4)} → checkpoint {number(after, 4)}{delta}")
     if s.scores_note:
         console.print(f"scores: {s.scores_note}")
     dup = s.duplicates

@@ -1,7 +1,8 @@
-"""Agreement of scores and verdicts with gold labels: AUC, Cohen's κ, and the κ-maximising decision threshold.
+"""Agreement of raters, and of scores with gold labels: Cohen's κ, AUC, and the κ-maximising decision threshold.
 
-Shared by the model qualification (embedkomb_pipeline.evaluation.qualification) and bench/annotator.py, so that a model's
-benchmark numbers and its admission decision are computed the same way.
+Pure math, no I/O. Shared by the label snapshots (agreement between contributors), the model qualification
+(embedkomb_pipeline.evaluation.qualification) and bench/annotator.py, so that a model's benchmark numbers and its
+admission decision are computed the same way.
 """
 
 from __future__ import annotations
@@ -10,9 +11,20 @@ import itertools
 import math
 from collections.abc import Sequence
 
-from embedkomb_pipeline.labeling.snapshots import cohens_kappa
-
 __all__ = ["accuracy", "auc", "best_threshold", "cohens_kappa", "kappa_at"]
+
+
+def cohens_kappa(a: list[bool], b: list[bool]) -> float:
+    """Cohen's κ of two binary raters; 1.0 when both agree perfectly even on a single class."""
+    n = len(a)
+    if n == 0 or n != len(b):
+        raise ValueError("cohens_kappa needs two equally long, non-empty label lists")
+    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
+    pa, pb = sum(a) / n, sum(b) / n
+    expected = pa * pb + (1 - pa) * (1 - pb)
+    if expected >= 1.0:
+        return 1.0 if observed == 1.0 else 0.0
+    return (observed - expected) / (1 - expected)
 
 
 def auc(positives: Sequence[float], negatives: Sequence[float]) -> float:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
+from embedkomb_pipeline.labeling.agreement import cohens_kappa
 from embedkomb_pipeline.labeling.kombinat_client import KombinatAdminClient
 
 LABEL_SCHEMA = {
@@ -92,19 +93,6 @@ def per_model_stats(labels: pl.DataFrame) -> list[dict]:
         .sort("labels", descending=True)
         .to_dicts()
     )
-
-
-def cohens_kappa(a: list[bool], b: list[bool]) -> float:
-    """Cohen's κ of two binary raters; 1.0 when both agree perfectly even on a single class."""
-    n = len(a)
-    if n == 0 or n != len(b):
-        raise ValueError("cohens_kappa needs two equally long, non-empty label lists")
-    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
-    pa, pb = sum(a) / n, sum(b) / n
-    expected = pa * pb + (1 - pa) * (1 - pb)
-    if expected >= 1.0:
-        return 1.0 if observed == 1.0 else 0.0
-    return (observed - expected) / (1 - expected)
 
 
 def contributor_kappas(labels: pl.DataFrame, min_overlap: int = 10) -> list[dict]:

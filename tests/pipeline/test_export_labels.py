@@ -8,9 +8,10 @@ import polars as pl
 import pytest
 from datasets import load_dataset
 
+from embedkomb_pipeline.labeling.agreement import cohens_kappa
 from embedkomb_pipeline.labeling.export import push_to_hub, write_verified
+from embedkomb_pipeline.labeling.snapshots import LABEL_SCHEMA, contributor_kappas, pairwise_kappa
 from embedkomb_pipeline.sources.gold import HONEYPOT_SOURCES, QUALIFICATION_SOURCES, build_gold_pairs
-from embedkomb_pipeline.labeling.snapshots import LABEL_SCHEMA, cohens_kappa, contributor_kappas, pairwise_kappa
 from tests.support.fake_hub import FakeHub
 
 

@@ -1,8 +1,8 @@
 """The evaluation stage: mteb_scores (MTEB retrieval scores of each cycle's checkpoint and of its base model) and
 model_qualification (which labeling models kombinat's registry admits).
 
-Wiring only: embedkomb_pipeline.evaluation.harness and .qualification do the work. No `from __future__ import annotations` here:
-Dagster reads the context annotation at definition time.
+Wiring only: embedkomb_pipeline.evaluation.harness and .qualification do the work. No `from __future__ import
+annotations` here: Dagster reads the context annotation at definition time.
 """
 
 from pathlib import Path
@@ -14,7 +14,6 @@ from pydantic import Field
 from embedkomb_pipeline.defs.partitions import cycle_partitions
 from embedkomb_pipeline.defs.resources import DenseModelResource, KombinatResource, LakeResource, QualityThresholds
 from embedkomb_pipeline.defs.training import checkpoint
-from embedkomb_pipeline.mining.embedding import default_base_model_path
 from embedkomb_pipeline.evaluation.harness import (
     METRICS,
     evaluate_model,
@@ -33,11 +32,12 @@ from embedkomb_pipeline.evaluation.qualification import (
     offline_candidates,
     parse_sources,
     qualification_gold,
+    qualified_registry_entry,
     qualify,
-    registry_entry,
     report_markdown,
     write_report,
 )
+from embedkomb_pipeline.mining.embedding import default_base_model_path
 from embedkomb_pipeline.settings import default_data_dir
 
 
@@ -103,10 +103,25 @@ def mteb_scores(
         context.log.info(f"{task.name}: {task.source}; comparable={task.comparable}; {'; '.join(task.notes)}")
     results_dir = lake.root / "mteb"
     base_dir = Path(dense_model.base_model_path) if dense_model.base_model_path else default_base_model_path()
-    run = {"precision": config.precision, "batch_size": config.batch_size, "log": context.log.info}
-    base = evaluate_model(base_dir, tasks, results_dir, dense_model.base_model_name, **run)
+    base = evaluate_model(
+        base_dir,
+        tasks,
+        results_dir,
+        dense_model.base_model_name,
+        precision=config.precision,
+        batch_size=config.batch_size,
+        log=context.log.info,
+    )
     name = config.checkpoint_model_name.format(cycle=cycle)
-    trained = evaluate_model(model_dir, tasks, results_dir, name, **run)
+    trained = evaluate_model(
+        model_dir,
+        tasks,
+        results_dir,
+        name,
+        precision=config.precision,
+        batch_size=config.batch_size,
+        log=context.log.info,
+    )
     scores_dir = lake.root / "mteb_scores"
     previous = load_trend(scores_dir, up_to_cycle=cycle)
     previous = [entry for entry in previous if entry["cycle"] < cycle]
@@ -165,7 +180,7 @@ def mteb_scores(
 class QualificationConfig(dg.Config):
     """Which models to qualify, on which gold set, and the admission bar.
 
-    - models: offline model names of scripts/fetch_models.py (smollm2-135m, qwen2.5-coder-0.5b,
+    - models: offline model names of embedkomb_pipeline.offline_models (smollm2-135m, qwen2.5-coder-0.5b,
       qwen2.5-coder-1.5b); None: every one present in models_dir. model_paths: any other GGUF files.
     - sources: gold sources "dataset:test[:min_grade]"; None: SciFact test + MS MARCO DL19 test (grade ≥ 2).
     - pairs_per_source: gold pairs per source, half relevant (the 1.5B model labels ~0.4–1.6 pairs/s on 2 cores).
@@ -228,7 +243,7 @@ def model_qualification(
         threads=config.threads,
         log=context.log.info,
     )
-    entries = [registry_entry(c, r, source_names) for c, r in zip(candidates, reports, strict=True)]
+    entries = [qualified_registry_entry(c, r, source_names) for c, r in zip(candidates, reports, strict=True)]
     registry: list[dict] = []
     if config.publish:
         with kombinat.client() as client:

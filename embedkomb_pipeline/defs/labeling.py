@@ -6,13 +6,13 @@ once enough labels are verified is defs/training.py's retrain_sensor.
 
 import json
 import os
+from typing import cast
 
 import dagster as dg
 import duckdb
 import polars as pl
 
 from embedkomb_pipeline.defs.mining import mining_shard
-from embedkomb_pipeline.defs.sources import source_pairs
 from embedkomb_pipeline.defs.partitions import (
     from_split,
     split_and_cycle,
@@ -25,11 +25,12 @@ from embedkomb_pipeline.defs.resources import (
     QualityThresholds,
     SourceDataResource,
 )
+from embedkomb_pipeline.defs.sources import source_pairs
 from embedkomb_pipeline.labeling.export import write_verified
-from embedkomb_pipeline.sources.gold import HONEYPOT_SOURCES, build_gold_pairs
-from embedkomb_pipeline.labeling.snapshots import contributor_kappas, pairwise_kappa, per_model_stats, pull_labels
 from embedkomb_pipeline.labeling.queue_feed import feed_queue, read_offset
+from embedkomb_pipeline.labeling.snapshots import contributor_kappas, pairwise_kappa, per_model_stats, pull_labels
 from embedkomb_pipeline.settings import default_data_dir
+from embedkomb_pipeline.sources.gold import HONEYPOT_SOURCES, build_gold_pairs
 
 
 class WorkQueueConfig(dg.Config):
@@ -141,7 +142,8 @@ def labeled_pairs(
     kappa, n_doubled = pairwise_kappa(labels)
     pairs_of_labelers = contributor_kappas(labels, min_overlap=quality.min_pairs_for_kappa)
     worst = pairs_of_labelers[0] if pairs_of_labelers else None
-    relevant_rate = float(counted["relevant"].mean()) if counted.height else None
+    # Series.mean is annotated for every dtype; a Boolean column's mean is a float (None only if all are null)
+    relevant_rate = float(cast(float, counted["relevant"].mean())) if counted.height else None
     # honeypot answers of the contributors whose labels this partition holds
     labelers = set(labels["contributor_id"].to_list())
     answered = [
@@ -212,10 +214,12 @@ def verified_pairs(
     result = write_verified(rows, lake.export_dir, split, cycle)
     pushed = publisher.publish(lake.export_dir)
     con = duckdb.connect()
-    total, distinct = con.execute(
+    row = con.execute(
         "SELECT count(*), count(DISTINCT pair_id) FROM read_parquet(?)",
         [str(lake.export_dir / "data" / "*" / "*.parquet")],
     ).fetchone()
+    assert row is not None  # an aggregate without GROUP BY always returns one row
+    total, distinct = row
     con.close()
     return dg.MaterializeResult(
         metadata={
@@ -270,7 +274,9 @@ def refill_sensor(
                 continue  # never fed: the first push is a maintainer's decision, not the sensor's
             offset = read_offset(state)
             shard = str(lake.candidates_path(split, cycle))
-            total = duckdb.connect().execute("SELECT count(*) FROM read_parquet(?)", [shard]).fetchone()[0]
+            row = duckdb.connect().execute("SELECT count(*) FROM read_parquet(?)", [shard]).fetchone()
+            assert row is not None  # an aggregate without GROUP BY always returns one row
+            total = row[0]
             depth = int(client.queue_counts(split=split, cycle=cycle)["queued"])
             queued[f"{split}/{cycle}"] = depth
             if offset < total and depth < low_watermark:

@@ -9,12 +9,11 @@ from embedkomb_pipeline.defs.partitions import (
     from_split,
     split_and_cycle,
     split_cycle_partitions,
-    split_partitions,
 )
 from embedkomb_pipeline.defs.resources import DenseModelResource, LakeResource
+from embedkomb_pipeline.defs.sources import source_pairs
 from embedkomb_pipeline.mining.embedding import EmbeddingCache
 from embedkomb_pipeline.mining.retrieval import MiningConfig, mine_split
-from embedkomb_pipeline.defs.sources import source_pairs
 
 
 class MiningShardConfig(dg.Config):
@@ -96,13 +95,14 @@ def mining_shard_is_clean(context: dg.AssetCheckExecutionContext, lake: LakeReso
         split = shard.parent.parent.name
         source = lake.source_pairs_path(split)
         con = duckdb.connect()
-        duplicates += con.execute(
-            "SELECT count(*) - count(DISTINCT pair_id) FROM read_parquet(?)", [str(shard)]
-        ).fetchone()[0]
-        positives += con.execute(
+        dup_row = con.execute("SELECT count(*) - count(DISTINCT pair_id) FROM read_parquet(?)", [str(shard)]).fetchone()
+        pos_row = con.execute(
             "SELECT count(*) FROM read_parquet(?) c JOIN read_parquet(?) s USING (query_id, doc_id)",
             [str(shard), str(source)],
-        ).fetchone()[0]
+        ).fetchone()
+        assert dup_row is not None and pos_row is not None  # aggregates without GROUP BY always return one row
+        duplicates += dup_row[0]
+        positives += pos_row[0]
         con.close()
     return dg.AssetCheckResult(
         passed=duplicates == 0 and positives == 0,

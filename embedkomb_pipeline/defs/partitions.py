@@ -36,5 +36,5 @@ def cycle_number(key: str) -> int:
 
 
 def split_and_cycle(context: dg.AssetExecutionContext) -> tuple[str, str]:
-    keys = context.partition_key.keys_by_dimension  # type: ignore[union-attr]
+    keys = context.partition_key.keys_by_dimension
     return keys["split"], keys["cycle"]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from embedkomb_pipeline.mining.embedding import DenseEncoder, default_base_model_path
-from embedkomb_pipeline.labeling.export import push_to_hub
 from embedkomb_pipeline.hub import HubUpload, upload_files
+from embedkomb_pipeline.labeling.export import push_to_hub
 from embedkomb_pipeline.labeling.kombinat_client import KombinatAdminClient
+from embedkomb_pipeline.mining.embedding import DenseEncoder, default_base_model_path
 from embedkomb_pipeline.settings import BEIR_HUB_IDS, default_data_dir, default_storage_dir
 from embedkomb_pipeline.sources.pairs import (
     HUB_REPO_ID,

@@ -32,7 +32,6 @@ def source_pairs(
     )
 
 
-
 # one job per partitioning: Dagster runs a job over a single partitions definition
 source_pairs_job = dg.define_asset_job(
     "source_pairs_job",

@@ -10,6 +10,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -171,7 +172,7 @@ def retrain_sensor(
        (labeled_pairs + verified_pairs) of every split mined in the current cycle;
     2. once each of those exports has materialized → request `checkpoint` for the cycle and add the next cycle.
     """
-    state = json.loads(context.cursor) if context.cursor else {"verified_at_last_cycle": 0}
+    state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {"verified_at_last_cycle": 0}
     exporting = state.get("exporting")
     if exporting:
         waiting = [s for s in exporting["splits"] if not _exported_since(context.instance, s, exporting["cycle"],

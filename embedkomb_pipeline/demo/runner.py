@@ -36,9 +36,9 @@ import platformdirs
 import polars as pl
 from rich.console import Console
 
+from embedkomb_pipeline.defs.evaluation import mteb_scores
 from embedkomb_pipeline.defs.labeling import honeypots, labeled_pairs, verified_pairs, work_queue
 from embedkomb_pipeline.defs.mining import mining_shard
-from embedkomb_pipeline.defs.sources import source_pairs
 from embedkomb_pipeline.defs.partitions import CYCLE_PARTITIONS_NAME
 from embedkomb_pipeline.defs.resources import (
     DenseModelResource,
@@ -48,27 +48,29 @@ from embedkomb_pipeline.defs.resources import (
     QualityThresholds,
     SourceDataResource,
 )
+from embedkomb_pipeline.defs.sources import source_pairs
 from embedkomb_pipeline.defs.training import checkpoint
 from embedkomb_pipeline.demo.display import Board, DemoSummary, LabelingView, render_summary
-from embedkomb_pipeline.mining.embedding import default_precision
-from embedkomb_pipeline.labeling.queue_feed import read_offset
-from embedkomb_pipeline.demo.services import LocalServices, free_port, kombinat_counts, local_services, temporary_environ
-from embedkomb_pipeline.settings import REPO_ROOT
-from embedkomb_pipeline.sources.pairs import SAMPLE_SPLITS
+from embedkomb_pipeline.demo.services import (
+    LocalServices,
+    free_port,
+    kombinat_counts,
+    local_services,
+    temporary_environ,
+)
 from embedkomb_pipeline.demo.volunteers import (
     LabelingConfig,
     Volunteer,
-    admit_model,
+    admit_demo_model,
     label_until_done,
     sign_in_local,
-    tiny_model_entry,
     volunteer_threads,
 )
-
-try:  # the evaluation asset (issue 7) joins the cycle once it exists
-    from embedkomb_pipeline.defs.evaluation import mteb_scores
-except ImportError:  # pragma: no cover - until it lands
-    mteb_scores = None
+from embedkomb_pipeline.formatting import number
+from embedkomb_pipeline.labeling.queue_feed import read_offset
+from embedkomb_pipeline.mining.embedding import default_precision
+from embedkomb_pipeline.settings import REPO_ROOT
+from embedkomb_pipeline.sources.pairs import SAMPLE_SPLITS
 
 DEFAULT_SPLIT = "scifact_title_abstract"
 # The tiny model cannot pass honeypots (it labels near chance), so kombinat's quarantine is switched off for the
@@ -183,7 +185,9 @@ def demo_resources(**overrides: Any) -> dict[str, Any]:
     (whatever HF_TOKEN says: the demo never pushes)."""
     from embedkomb_pipeline.defs.resources import resources as location_resources
 
-    resources = dict(location_resources().resources)
+    location = location_resources()
+    assert location.resources is not None  # resources() always defines them
+    resources = dict(location.resources)
     for key, resource in resources.items():
         if isinstance(resource, dg.ConfigurableResource) and {"repo_id", "token"} <= set(type(resource).model_fields):
             resources[key] = type(resource)()  # no repo, no token: `configured` is False
@@ -199,9 +203,9 @@ class Cycle:
     def __init__(self, config: DemoConfig, session: DemoSession, board: Board) -> None:
         self.config, self.session, self.board = config, session, board
         self.summary = DemoSummary(split=config.split, cycle=config.cycle)
-        self.assets = [source_pairs, mining_shard, work_queue, honeypots, labeled_pairs, verified_pairs, checkpoint]
-        if mteb_scores is not None:
-            self.assets.append(mteb_scores)
+        self.assets = [
+            source_pairs, mining_shard, work_queue, honeypots, labeled_pairs, verified_pairs, checkpoint, mteb_scores
+        ]  # fmt: skip
         self.state_path = session.lake.root / "demo" / "state.json"
         self.retrained = False
 
@@ -327,8 +331,7 @@ class Cycle:
 
     def label(self) -> None:
         c, services = self.config, self.session.services
-        model_path, entry = tiny_model_entry()
-        admit_model(services.kombinat_url, services.admin_token, entry)
+        model_path = admit_demo_model(services.kombinat_url, services.admin_token)
         volunteers = []
         for name in c.volunteers:
             v = sign_in_local(Volunteer(name, c.demo_dir / "volunteers" / name), services.kombinat_url,
@@ -374,7 +377,7 @@ class Cycle:
             labels = pl.read_parquet(meta["path"])
             self.summary.snapshot_rows, self.summary.snapshot_distinct = labels.height, labels["label_id"].n_unique()
             st.detail = (
-                f"{meta['dagster/row_count']:,} labels ({meta['new_labels']:,} new), κ {_fmt(self.summary.kappa)}"
+                f"{meta['dagster/row_count']:,} labels ({meta['new_labels']:,} new), κ {number(self.summary.kappa)}"
             )
 
     def export(self) -> None:
@@ -415,8 +418,8 @@ class Cycle:
         self.summary.checkpoint_path, self.summary.checkpoint_steps = str(meta["model_path"]), int(meta["steps"])
 
     def evaluate(self) -> None:
-        if mteb_scores is None or not self.config.evaluate:
-            why = "mteb_scores is not in this checkout yet" if mteb_scores is None else "switched off (--no-eval)"
+        if not self.config.evaluate:
+            why = "switched off (--no-eval)"
             self.board.skip("mteb_scores", why)
             self.summary.scores_note = f"not evaluated: {why}"
             return
@@ -427,10 +430,8 @@ class Cycle:
             else:
                 meta = self.materialize(mteb_scores, self.config.cycle, self.config.evaluation)
                 self._save_state(mteb_scores=self.config.evaluation)
-            self.summary.scores = scores_from_metadata(meta)
-            st.detail = (
-                f"base {_fmt(self.summary.scores.get('base'), 4)} → {_fmt(self.summary.scores.get('checkpoint'), 4)}"
-            )
+            scores = self.summary.scores = scores_from_metadata(meta)
+            st.detail = f"base {number(scores.get('base'), 4)} → {number(scores.get('checkpoint'), 4)}"
 
 
 def scores_from_metadata(meta: dict[str, Any]) -> dict[str, Any]:
@@ -443,10 +444,6 @@ def scores_from_metadata(meta: dict[str, Any]) -> dict[str, Any]:
         out["task"] = parts[0]
         out["base" if len(parts) == 3 and parts[1] == "base" else "checkpoint"] = float(value)
     return out
-
-
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def run_demo(
@@ -493,8 +490,7 @@ def serve_ui(config: DemoConfig, console: Console, port: int = 3000) -> int:
         say(f"  Dagster UI:     http://127.0.0.1:{port}")
         say(f"  progress page:  {services.kombinat_url}/progress")
         say(f"  kombinat API:   {services.kombinat_url}/docs (admin token in KOMBINAT_ADMIN_TOKEN of dagster dev)")
-        model_path, entry = tiny_model_entry()
-        admit_model(services.kombinat_url, services.admin_token, entry)
+        model_path = admit_demo_model(services.kombinat_url, services.admin_token)
         name = config.volunteers[0]
         volunteer = Volunteer(name, config.demo_dir / "volunteers" / name)
         sign_in_local(volunteer, services.kombinat_url, services.kombinat_database_url)
@@ -568,4 +564,3 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: every service was stopped; `make demo` again resumes where it left off")
         sys.exit(130)
-

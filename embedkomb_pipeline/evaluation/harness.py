@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedkomb_pipeline.sources.beir import load_beir
+from embedkomb_pipeline.formatting import number
 from embedkomb_pipeline.mining.embedding import fingerprint_model_dir
+from embedkomb_pipeline.sources.beir import load_beir
 
 if TYPE_CHECKING:
     from mteb.abstasks.retrieval import AbsTaskRetrieval
@@ -300,6 +301,7 @@ def resolve_tasks(
     folder; "hub": the Hub or an error; "local": the local folder or an error.
     """
     import mteb
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
 
     if source not in {"auto", "hub", "local"}:
         raise EvaluationError(f"source must be 'auto', 'hub' or 'local', got {source!r}")
@@ -322,6 +324,8 @@ def resolve_tasks(
             mteb_name = MTEB_TASK_OF_FOLDER[FOLDER_OF_MTEB_TASK[spec.lower()]]
         if use_hub and mteb_name is not None:
             task = mteb.get_task(mteb_name)
+            if not isinstance(task, AbsTaskRetrieval):
+                raise EvaluationError(f"MTEB task {mteb_name!r} is not a retrieval task")
             ds = task.metadata.dataset
             resolved.append(ResolvedTask(mteb_name, task, f"hub:{ds['path']}@{ds['revision']}", True))
         elif folder is not None and source != "hub":
@@ -485,14 +489,14 @@ def trend_rows(trend: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def trend_markdown(trend: Sequence[dict[str, Any]]) -> str:
     def pct(value: float | None) -> str:
-        return "–" if value is None else f"{100 * value:.2f}"
+        return number(value, 2, scale=100)
 
     lines = [
         "| cycle | task | nDCG@10 | recall@100 | MRR@10 | base nDCG@10 | Δ vs base |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in trend_rows(trend):
-        delta = "–" if r["delta_ndcg_at_10"] is None else f"{100 * r['delta_ndcg_at_10']:+.2f}"
+        delta = number(r["delta_ndcg_at_10"], 2, scale=100, signed=True)
         lines.append(
             f"| {r['cycle']} | {r['task']} | {pct(r['ndcg_at_10'])} | {pct(r['recall_at_100'])} "
             f"| {pct(r['mrr_at_10'])} | {pct(r['base_ndcg_at_10'])} | {delta} |"

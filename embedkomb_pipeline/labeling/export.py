@@ -10,21 +10,22 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, cast
 
 import polars as pl
 
-EXPORT_SCHEMA = {
-    "query": pl.String,
-    "document": pl.String,
-    "label": pl.Boolean,
-    "p_relevant": pl.Float64,
-    "n_labels": pl.Int64,
-    "agreement": pl.Float64,
-    "status": pl.String,
-    "pair_id": pl.String,
-    "split": pl.String,
-    "cycle": pl.String,
-    "models": pl.List(pl.String),
+EXPORT_SCHEMA: dict[str, pl.DataType] = {
+    "query": pl.String(),
+    "document": pl.String(),
+    "label": pl.Boolean(),
+    "p_relevant": pl.Float64(),
+    "n_labels": pl.Int64(),
+    "agreement": pl.Float64(),
+    "status": pl.String(),
+    "pair_id": pl.String(),
+    "split": pl.String(),
+    "cycle": pl.String(),
+    "models": pl.List(pl.String()),
 }
 
 # what each source's texts may be used for: the card must say it
@@ -58,8 +59,9 @@ def write_verified(rows: Iterable[dict], root: Path, split: str, cycle: str) -> 
     tmp.replace(out)
     write_card(root)
     models = sorted({m for ms in frame["models"].to_list() for m in (ms or [])})
-    agreement = frame["agreement"].mean() if frame.height else None
-    return ExportResult(out, frame.height, int(frame["label"].sum() or 0), agreement, models)  # type: ignore[arg-type]
+    # Series.mean is annotated for every dtype; a Float64 column's mean is a float, or None when all are null
+    agreement = cast("float | None", frame["agreement"].mean()) if frame.height else None
+    return ExportResult(out, frame.height, int(frame["label"].sum() or 0), agreement, models)
 
 
 def _license_for(split: str) -> tuple[str, str]:
@@ -69,10 +71,19 @@ def _license_for(split: str) -> tuple[str, str]:
     return SOURCE_LICENSES["nomic"]
 
 
+class _SplitSummary(TypedDict):
+    split: str
+    cycles: list[str]
+    pairs: int
+    relevant: int
+    mean_agreement: float | None
+    models: list[str]
+
+
 def write_card(root: Path) -> Path:
     """README.md with the YAML header `datasets` reads (configs, license) and a human summary."""
     splits = sorted(p.name for p in (root / "data").iterdir() if p.is_dir()) if (root / "data").exists() else []
-    summary = []
+    summary: list[_SplitSummary] = []
     licenses = set()
     for split in splits:
         frame = pl.read_parquet(root / "data" / split / "*.parquet")
@@ -83,7 +94,8 @@ def write_card(root: Path) -> Path:
                 "cycles": sorted(frame["cycle"].unique().to_list()),
                 "pairs": frame.height,
                 "relevant": int(frame["label"].sum() or 0),
-                "mean_agreement": round(float(frame["agreement"].mean()), 4) if frame.height else None,
+                # Series.mean is annotated for every dtype; a Float64 column's mean is a float
+                "mean_agreement": round(cast(float, frame["agreement"].mean()), 4) if frame.height else None,
                 "models": sorted({m for ms in frame["models"].to_list() for m in (ms or [])}),
             }
         )

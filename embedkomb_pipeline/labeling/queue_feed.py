@@ -67,7 +67,9 @@ def feed_queue(
     if depth_budget < 1 or chunk_size < 1:
         raise ValueError("depth_budget and chunk_size must be positive")
     con = duckdb.connect()
-    total = con.execute("SELECT count(*) FROM read_parquet(?)", [str(shard)]).fetchone()[0]
+    row = con.execute("SELECT count(*) FROM read_parquet(?)", [str(shard)]).fetchone()
+    assert row is not None  # an aggregate without GROUP BY always returns one row
+    total = row[0]
     offset = offset_before = min(read_offset(state_path), total)
     queued = int(client.queue_counts(split=split, cycle=cycle)["queued"])
     room = max(0, depth_budget - queued)

@@ -105,11 +105,17 @@ class DenseEncoder:
 
     @property
     def dimension(self) -> int:
-        return int(self.model.get_embedding_dimension())
+        dimension = self.model.get_embedding_dimension()
+        if dimension is None:
+            raise ValueError(f"embedding model {self.path} does not say its embedding dimension")
+        return int(dimension)
 
     @property
     def max_tokens(self) -> int:
-        return int(self.model.max_seq_length)
+        max_tokens = self.model.max_seq_length
+        if max_tokens is None:
+            raise ValueError(f"embedding model {self.path} does not say its maximum sequence length")
+        return int(max_tokens)
 
     def count_over_window(self, texts: list[str], chunk: int = 4096) -> int:
         """How many texts exceed the model's window and so are embedded from their first max_tokens only."""

@@ -21,8 +21,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedkomb_pipeline.mining.embedding import DenseEncoder, EmbeddingCache
 from embedkomb_pipeline.ids import pair_id
+from embedkomb_pipeline.mining.embedding import DenseEncoder, EmbeddingCache
 
 CANDIDATE_SCHEMA = pa.schema(
     [
@@ -224,19 +224,21 @@ def _dense_search(
 
     started = time.perf_counter()
     n_docs, dim = doc_vectors.shape
+    index: faiss.Index
     if n_docs < config.exact_search_below:
         index = faiss.IndexFlatIP(dim)
         report.index_type, report.nlist, report.nprobe = "IndexFlatIP (exact)", 0, 0
     else:
         nlist = min(config.nlist or derive_nlist(n_docs), n_docs)
         quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         # a fixed sample and FAISS's fixed k-means seed keep the index, and so the shard, reproducible
         train_rows = min(n_docs, 256 * nlist)
         sample = np.sort(np.random.default_rng(0).choice(n_docs, size=train_rows, replace=False))
-        index.train(doc_vectors[sample])
-        index.nprobe = min(config.nprobe, nlist)
-        report.index_type, report.nlist, report.nprobe = "IndexIVFFlat", nlist, index.nprobe
+        ivf.train(doc_vectors[sample])
+        ivf.nprobe = min(config.nprobe, nlist)
+        report.index_type, report.nlist, report.nprobe = "IndexIVFFlat", nlist, ivf.nprobe
+        index = ivf
     index.add(doc_vectors)
     del doc_vectors
     report.seconds["dense_index"] = time.perf_counter() - started

@@ -11,8 +11,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedkomb_pipeline.sources.beir import load_beir
 from embedkomb_pipeline.ids import normalize_text, pair_id, text_hash
+from embedkomb_pipeline.sources.beir import load_beir
 
 
 @dataclass(frozen=True)

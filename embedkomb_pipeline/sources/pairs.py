@@ -19,8 +19,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedkomb_pipeline.sources.beir import iter_jsonl, resolve_beir_root
 from embedkomb_pipeline.ids import normalize_text, text_hash
+from embedkomb_pipeline.sources.beir import iter_jsonl, resolve_beir_root
 
 HUB_REPO_ID = "nomic-ai/nomic-embed-unsupervised-data"
 HUB_DATA_DIR = "data"

@@ -24,6 +24,7 @@ Both take `matryoshka_dims`: the loss is then averaged over the listed prefix si
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +63,10 @@ class _ChunkedLogSumExp(torch.autograd.Function):
     The cache is the frozen tower's output, so it gets no gradient (coordinate ascent trains one side at a time).
     """
 
+    # ctx is Any: the attributes forward hands to backward are ours, and FunctionCtx declares none of them
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,
         anchors: Tensor,
         cache: Tensor,
         mask_idx: Tensor | None,
@@ -96,7 +98,7 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         return lse
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_lse: Tensor) -> tuple:  # type: ignore[override]
+    def backward(ctx: Any, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         anchors, cache, lse = saved[:3]
         mask_idx = saved[3] if ctx.has_mask else None

@@ -15,10 +15,8 @@ import httpx
 import pytest
 
 from annotator.models import RegistryEntry
-from embedkomb_pipeline.labeling.agreement import accuracy, auc, best_threshold, cohens_kappa
 from embedkomb_pipeline.defs.evaluation import model_qualification
 from embedkomb_pipeline.defs.resources import KombinatResource, LakeResource
-from embedkomb_pipeline.sources.gold import HONEYPOT_SOURCES, QUALIFICATION_SOURCES, build_gold_pairs
 from embedkomb_pipeline.evaluation.qualification import (
     QualificationError,
     assert_disjoint,
@@ -27,6 +25,8 @@ from embedkomb_pipeline.evaluation.qualification import (
     qualification_gold,
     split_gold,
 )
+from embedkomb_pipeline.labeling.agreement import accuracy, auc, best_threshold, cohens_kappa
+from embedkomb_pipeline.sources.gold import HONEYPOT_SOURCES, QUALIFICATION_SOURCES, build_gold_pairs
 from tests.annotator.conftest import TINY_ENTRY, TINY_SHA256
 from tests.support.kombinat_server import running_kombinat
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from embedkomb_pipeline.mining.embedding import default_base_model_path
 from embedkomb_pipeline.evaluation.harness import EvaluationError, evaluate_model, resolve_tasks
+from embedkomb_pipeline.mining.embedding import default_base_model_path
 
 PUBLISHED_NDCG_AT_10 = {"SciFact": 0.64508, "NFCorpus": 0.31594}
 PUBLISHED_RECALL_AT_100 = {"SciFact": 0.925, "NFCorpus": 0.31151}

@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 
 from embedkomb_pipeline.defs.mining import mining_shard, mining_shard_is_clean
-from embedkomb_pipeline.defs.sources import source_pairs
 from embedkomb_pipeline.defs.partitions import CYCLE_PARTITIONS_NAME, cycle_key, cycle_number
 from embedkomb_pipeline.defs.resources import DenseModelResource, LakeResource, LocalSourceData
+from embedkomb_pipeline.defs.sources import source_pairs
 from tests.conftest import MIRROR_SPLIT
 from tests.pipeline.conftest import scifact_rows, write_hub_mirror
 

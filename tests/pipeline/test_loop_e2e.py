@@ -37,7 +37,6 @@ from embedkomb_pipeline.defs.labeling import (
     work_queue,
 )
 from embedkomb_pipeline.defs.mining import mining_shard
-from embedkomb_pipeline.defs.sources import source_pairs
 from embedkomb_pipeline.defs.partitions import CYCLE_PARTITIONS_NAME
 from embedkomb_pipeline.defs.resources import (
     DatasetPublisherResource,
@@ -47,6 +46,7 @@ from embedkomb_pipeline.defs.resources import (
     LocalSourceData,
     QualityThresholds,
 )
+from embedkomb_pipeline.defs.sources import source_pairs
 from embedkomb_pipeline.defs.training import retrain_sensor
 from tests.annotator.conftest import TINY_ENTRY, TINY_MODEL
 from tests.conftest import MIRROR_SPLIT

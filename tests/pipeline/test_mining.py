@@ -8,8 +8,8 @@ import polars as pl
 import pytest
 import torch
 
-from embedkomb_pipeline.mining.embedding import DenseEncoder, EmbeddingCache, default_base_model_path
 from embedkomb_pipeline.ids import pair_id
+from embedkomb_pipeline.mining.embedding import DenseEncoder, EmbeddingCache, default_base_model_path
 from embedkomb_pipeline.mining.retrieval import MiningConfig, derive_nlist, mine_split, rrf_fuse
 
 

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedkomb_pipeline.labeling.export import write_verified
 from embedkomb_pipeline.ids import normalize_text, pair_id, text_hash
+from embedkomb_pipeline.labeling.export import write_verified
 from embedkomb_pipeline.mining.retrieval import CANDIDATE_SCHEMA
 from embedkomb_pipeline.sources.pairs import write_source_pairs
 from tests.pipeline.conftest import scifact_rows

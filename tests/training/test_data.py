@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from embedkomb_pipeline.labeling.export import write_verified
 from embedkomb_pipeline.ids import text_hash
+from embedkomb_pipeline.labeling.export import write_verified
 from embedkomb_pipeline.training.data import build_training_set, export_files
 from tests.training.conftest import SPLIT, Lake
 

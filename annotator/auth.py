@@ -63,6 +63,8 @@ def _read_all() -> dict[str, Any]:
         return {"default": None, "servers": {}}
     except ValueError as exc:
         raise RuntimeError(f"{token_path()} is not valid JSON; delete it and log in again") from exc
+    if not isinstance(data, dict):
+        raise RuntimeError(f"{token_path()} is not a credentials file; delete it and log in again")
     data.setdefault("servers", {})
     return data
 

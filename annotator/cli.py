@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,11 +19,10 @@ from rich.table import Table
 
 from annotator import __version__, auth
 from annotator.backends import BACKEND_EXTRAS, BACKENDS, ModelMeta, load_backend, order_pairs
-from annotator.client import ApiError, KombinatClient, Unavailable
+from annotator.client import ApiError, KombinatClient, Unavailable, UnexpectedResponse
 from annotator.hardware import HardwareFacts, detect
 from annotator.journal import Journal, JournalBusy, journal_path, peek
 from annotator.models import (
-    Choice,
     ModelError,
     RegistryEntry,
     VerifiedHashes,
@@ -203,7 +201,7 @@ def _fetch_registry(url: str) -> tuple[list[RegistryEntry] | None, str | None]:
     try:
         with _client(url, max_elapsed=10, timeout=10) as client:
             return [RegistryEntry.from_api(m) for m in client.models()], None
-    except (ApiError, Unavailable) as exc:
+    except (ApiError, Unavailable, UnexpectedResponse, ModelError) as exc:
         return None, str(exc)
 
 
@@ -323,13 +321,9 @@ def _resolve(
         if backend and entry.backend != backend:
             raise ModelError(f"{model_path} is registered for {entry.backend}, not --backend {backend}")
         return entry, model_path, [f"--model-path {model_path}: sha256 matches admitted model {entry.name!r}"]
-    choice: Choice = choose_model(hw, registry, backend=backend, model=model)
+    choice = choose_model(hw, registry, backend=backend, model=model)
     path = download(choice.entry, auth.cache_dir() / "models", hashes, progress=progress)
     return choice.entry, path, choice.reasons
-
-
-def _backend_options(backend: str, threads: int | None) -> dict[str, Any]:
-    return {"n_threads": threads} if backend == "llama_cpp" and threads else {}
 
 
 # --- run ----------------------------------------------------------------------------------------------
@@ -379,7 +373,7 @@ def run(
         reporter.start({"server": url, "login": creds.login, **meta.as_dict(), "model": entry.name,
                         "model_path": str(path), "reasons": reasons})  # fmt: skip
         journal = Journal(journal_path(auth.data_dir(), url, creds.contributor_id))
-    except (ModelError, JournalBusy) as exc:
+    except (ModelError, JournalBusy, UnexpectedResponse) as exc:
         reporter.close()
         client.close()
         raise _fail(str(exc), EXIT_ERROR, json_mode) from exc
@@ -402,8 +396,7 @@ def run(
     code = 0
     loaded = None
     try:
-        loaded = load_backend(entry.backend, path, quantization=entry.quantization,
-                              **_backend_options(entry.backend, threads))  # fmt: skip
+        loaded = load_backend(entry.backend, path, quantization=entry.quantization, n_threads=threads)
         worker = Worker(client, loaded, journal, meta, config, reporter)
         presses = 0
 
@@ -437,6 +430,10 @@ def run(
         reporter.close()
         code = EXIT_ERROR
         _fail(str(exc), code, json_mode)
+    except UnexpectedResponse as exc:  # another kombinat version? nothing to retry until the annotator is updated
+        reporter.close()
+        code = EXIT_ERROR
+        _fail(f"{exc} — stopping; finished labels stay in the journal (is this annotator up to date?)", code, json_mode)
     except ImportError as exc:  # e.g. --backend vllm without the [gpu] extra
         reporter.close()
         code = EXIT_ERROR
@@ -500,8 +497,7 @@ def bench(
     # Unique IDs even when the sample list wraps around.
     items = [(p.__class__(f"{p.pair_id}#{i}", p.query, p.document), rel) for i, (p, rel) in enumerate(chosen)]
     relevant = {p.pair_id: rel for p, rel in items}
-    loaded = load_backend(backend_name, model_path, quantization=quantization,
-                          **_backend_options(backend_name, threads))  # fmt: skip
+    loaded = load_backend(backend_name, model_path, quantization=quantization, n_threads=threads)
     try:
         scores = list(loaded.score_pairs(order_pairs([p for p, _ in items])))
     finally:
@@ -538,4 +534,4 @@ def main() -> None:  # pragma: no cover - `python -m annotator`
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

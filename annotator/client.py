@@ -44,6 +44,10 @@ class Unavailable(RuntimeError):
     """kombinat stayed unreachable (or 5xx) for longer than the retry budget."""
 
 
+class UnexpectedResponse(RuntimeError):
+    """kombinat accepted a request but answered with a body this client cannot read (another API version?)."""
+
+
 RetryHook = Callable[[int, float, str], None]  # (attempt, sleep seconds, what went wrong)
 
 
@@ -136,28 +140,36 @@ class KombinatClient:
                 self.on_retry(attempt, delay, problem)
             self._sleep(delay)
 
+    def _request_object(self, method: str, path: str, *, json: Any = None, auth: bool = True) -> dict[str, Any]:
+        """A request whose answer must be a JSON object (every endpoint except token revocation)."""
+        body = self._request(method, path, json=json, auth=auth)
+        if not isinstance(body, dict):
+            raise UnexpectedResponse(f"kombinat answered {method} {path} with {type(body).__name__}, not an object")
+        return body
+
     # --- sign-in --------------------------------------------------------------------------------------
     def device_start(self) -> dict[str, Any]:
-        return self._request("POST", "/auth/device/start", json={}, auth=False)
+        return self._request_object("POST", "/auth/device/start", json={}, auth=False)
 
     def device_poll(self, device_code: str) -> dict[str, Any]:
-        return self._request("POST", "/auth/device/poll", json={"device_code": device_code}, auth=False)
+        return self._request_object("POST", "/auth/device/poll", json={"device_code": device_code}, auth=False)
 
     def me(self) -> dict[str, Any]:
-        return self._request("GET", "/me")
+        return self._request_object("GET", "/me")
 
     def revoke_token(self) -> None:
         self._request("DELETE", "/auth/token")
 
     # --- registry and work ----------------------------------------------------------------------------
     def models(self) -> list[dict[str, Any]]:
-        return list(self._request("GET", "/models", auth=False)["models"])
+        return list(self._request_object("GET", "/models", auth=False)["models"])
 
     def claim(self, size: int, model: Mapping[str, str]) -> dict[str, Any]:
-        return self._request("POST", "/batches/claim", json={"size": size, "model": dict(model)})
+        return self._request_object("POST", "/batches/claim", json={"size": size, "model": dict(model)})
 
     def submit(self, batch_id: str, model: Mapping[str, str], labels: list[dict[str, Any]]) -> dict[str, Any]:
-        return self._request("POST", f"/batches/{batch_id}/labels", json={"model": dict(model), "labels": labels})
+        body = {"model": dict(model), "labels": labels}
+        return self._request_object("POST", f"/batches/{batch_id}/labels", json=body)
 
     def release(self, batch_id: str, pair_ids: list[str] | None) -> dict[str, Any]:
-        return self._request("POST", f"/batches/{batch_id}/release", json={"pair_ids": pair_ids})
+        return self._request_object("POST", f"/batches/{batch_id}/release", json={"pair_ids": pair_ids})

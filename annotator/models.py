@@ -25,9 +25,25 @@ from annotator.hardware import HardwareFacts
 # and a volunteer's machine is doing other things too).
 CPU_LOW_RAM_GB = 8.0
 
+# kombinat's ModelEntry.tier (kombinat_api/schemas.py is the source of truth): an int from 0 to 10, default 0.
+TIER_MIN, TIER_MAX, TIER_DEFAULT = 0, 10, 0
+
 
 class ModelError(RuntimeError):
     """No usable model: explained in words a volunteer can act on."""
+
+
+def parse_tier(value: object) -> int:
+    """A registry entry's tier as kombinat defines it; the default tier for a missing or malformed value.
+
+    The annotator only shows the tier (kombinat decides which pairs a model's tier may claim), so a registry
+    from another server version must not stop a volunteer over it: anything that is not a whole number in
+    kombinat's range reads as the default rather than raising.
+    """
+    # bool is an int subclass: JSON true must not read as tier 1
+    if isinstance(value, int) and not isinstance(value, bool) and TIER_MIN <= value <= TIER_MAX:
+        return value
+    return TIER_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -36,7 +52,7 @@ class RegistryEntry:
     backend: str
     model_id: str
     quantization: str
-    tier: str = ""
+    tier: int = TIER_DEFAULT
     hub_repo: str = ""
     hub_file: str | None = None
     sha256: str = ""
@@ -47,12 +63,21 @@ class RegistryEntry:
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> RegistryEntry:
+        """An entry of kombinat's registry; ModelError (a sentence, not a traceback) when a field is unreadable."""
+        try:
+            return cls._from_api(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            name = data.get("name", "?") if isinstance(data, Mapping) else "?"
+            raise ModelError(f"kombinat's registry entry {name!r} is malformed ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def _from_api(cls, data: Mapping[str, Any]) -> RegistryEntry:
         return cls(
             name=str(data["name"]),
             backend=str(data["backend"]),
             model_id=str(data["model_id"]),
             quantization=str(data.get("quantization") or ""),
-            tier=str(data.get("tier") or ""),
+            tier=parse_tier(data.get("tier")),
             hub_repo=str(data.get("hub_repo") or ""),
             hub_file=data.get("hub_file") or None,
             sha256=str(data.get("sha256") or "").lower(),
@@ -95,6 +120,7 @@ MISSION_TABLE: tuple[TableRule, ...] = (
 )  # fmt: skip
 DEVICE_OF_BACKEND = {"vllm": "nvidia", "mlx": "apple", "llama_cpp": "cpu"}
 INSTALL_HINT = {"vllm": "embedkomb[gpu]", "mlx": "embedkomb[mlx]", "llama_cpp": "embedkomb[cpu]"}
+BACKEND_LIBRARY = {"vllm": "vLLM", "mlx": "mlx-lm", "llama_cpp": "llama.cpp"}
 
 
 @dataclass
@@ -129,20 +155,24 @@ def candidate_devices(hw: HardwareFacts, backend: str | None, reasons: list[str]
         return [DEVICE_OF_BACKEND[backend]]
     devices: list[str] = []
     if hw.gpus:
-        if hw.backends_installed.get("vllm"):
-            devices.append("nvidia")
-            reasons.append(f"NVIDIA GPU found ({hw.gpus[0].name}, {hw.gpu_memory_gb:g} GB): vLLM")
-        else:
-            reasons.append(f"NVIDIA GPU found but vLLM is not installed (pip install '{INSTALL_HINT['vllm']}')")
+        found = f"NVIDIA GPU found ({hw.gpus[0].name}, {hw.gpu_memory_gb:g} GB)"
+        _offer_accelerator(hw, "vllm", found, devices, reasons)
     if hw.apple_silicon:
-        if hw.backends_installed.get("mlx"):
-            devices.append("apple")
-            reasons.append(f"Apple Silicon with {hw.ram_total_gb:g} GB unified memory: MLX")
-        else:
-            reasons.append(f"Apple Silicon but mlx-lm is not installed (pip install '{INSTALL_HINT['mlx']}')")
+        found = f"Apple Silicon with {hw.ram_total_gb:g} GB unified memory"
+        _offer_accelerator(hw, "mlx", found, devices, reasons)
     devices.append("cpu")
-    reasons.append(f"CPU: {hw.cpu_count} cores, {hw.ram_total_gb:g} GB RAM: llama.cpp")
+    reasons.append(f"CPU: {hw.cpu_count} cores, {hw.ram_total_gb:g} GB RAM: {BACKEND_LIBRARY['llama_cpp']}")
     return devices
+
+
+def _offer_accelerator(hw: HardwareFacts, backend: str, found: str, devices: list[str], reasons: list[str]) -> None:
+    """Try an accelerator that was found only if its backend library is installed; say which it was."""
+    library = BACKEND_LIBRARY[backend]
+    if hw.backends_installed.get(backend):
+        devices.append(DEVICE_OF_BACKEND[backend])
+        reasons.append(f"{found}: {library}")
+    else:
+        reasons.append(f"{found}, but {library} is not installed (pip install '{INSTALL_HINT[backend]}')")
 
 
 def choose_model(
@@ -286,7 +316,7 @@ def download(
         except ImportError as exc:  # pragma: no cover - the backend extras all bring it
             raise ModelError("huggingface_hub is not installed: pip install 'embedkomb[cpu]' (or gpu/mlx)") from exc
         if not progress:
-            huggingface_hub.utils.disable_progress_bars()
+            huggingface_hub.disable_progress_bars()
         hf_hub_download = hf_hub_download or huggingface_hub.hf_hub_download
         snapshot_download = snapshot_download or huggingface_hub.snapshot_download
     if entry.hub_file:

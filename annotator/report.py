@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import IO, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -48,7 +48,7 @@ class Totals:
 class Reporter:
     """Base reporter: every hook is a no-op (this *is* quiet mode, apart from warnings)."""
 
-    def __init__(self, err: TextIO | None = None) -> None:
+    def __init__(self, err: IO[str] | None = None) -> None:
         self.err = err or sys.stderr
 
     def start(self, info: dict[str, Any]) -> None: ...
@@ -69,7 +69,7 @@ class Reporter:
 
 
 class JsonReporter(Reporter):
-    def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    def __init__(self, out: IO[str] | None = None, err: IO[str] | None = None) -> None:
         super().__init__(err)
         self.out = out or sys.stdout
 

@@ -155,7 +155,7 @@ def run_naive(llm: Any, pairs: Sequence[Pair], max_tokens: int, cold: bool) -> d
 
 
 def run_ours(backend: LlamaCppBackend, pairs: Sequence[Pair]) -> dict[str, Any]:
-    backend._in_context = []  # start cold, as after claiming a new batch
+    backend.forget_cache()  # start cold, as after claiming a new batch
     start = time.perf_counter()
     scores = list(backend.score_pairs(order_pairs(pairs)))
     seconds = time.perf_counter() - start

@@ -16,20 +16,24 @@ BACKEND_MODULES = {"llama_cpp": "llama_cpp", "vllm": "vllm", "mlx": "mlx_lm"}
 BACKEND_EXTRAS = {"llama_cpp": "cpu", "vllm": "gpu", "mlx": "mlx"}
 
 
-def load_backend(name: str, model_path: str | Path, *, quantization: str = "", **options: object) -> Backend:
-    """Construct the named backend on a local model file (GGUF) or directory (HF/MLX checkpoint)."""
+def load_backend(name: str, model_path: str | Path, *, quantization: str = "", n_threads: int | None = None) -> Backend:
+    """Construct the named backend on a local model file (GGUF) or directory (HF/MLX checkpoint).
+
+    ``n_threads`` (CPU threads; None: all this process may use) is llama.cpp's alone: vLLM and MLX run on
+    the accelerator and ignore it.
+    """
     if name == "llama_cpp":
         from annotator.backends.llama_cpp import LlamaCppBackend
 
-        return LlamaCppBackend(model_path, **options)  # type: ignore[arg-type]
+        return LlamaCppBackend(model_path, n_threads=n_threads)
     if name == "vllm":
         from annotator.backends.vllm import VLLMBackend
 
-        return VLLMBackend(str(model_path), quantization=quantization, **options)  # type: ignore[arg-type]
+        return VLLMBackend(str(model_path), quantization=quantization)
     if name == "mlx":
         from annotator.backends.mlx import MLXBackend
 
-        return MLXBackend(model_path, **options)  # type: ignore[arg-type]
+        return MLXBackend(model_path)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -4,7 +4,10 @@ A backend turns pairs into P(relevant) with one forward pass per pair: it builds
 (prefix = template + query, rest = document + question + assistant header), reads the next-token
 distribution after the prompt, and compares the probability of "yes" against "no". No text is generated.
 
-Everything here is plain Python + numpy so that it is unit-tested without any model library.
+This module is the one home of what the backends share: the prompt and answer tokens
+(:class:`PromptBackend`, :class:`PromptTokenizer`), the KV-cache reuse and per-pair scoring loop of
+llama.cpp and MLX (:class:`KVCacheBackend`), and the Hugging Face tokenizer handling of vLLM and MLX.
+Everything here is plain Python + numpy, so it is unit-tested without any model library.
 """
 
 from __future__ import annotations
@@ -14,8 +17,16 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from annotator.prompt import NO_VARIANTS, YES_VARIANTS, PromptTemplate
+from annotator.prompt import NO_VARIANTS, YES_VARIANTS, PromptTemplate, sentinel_messages
+
+if TYPE_CHECKING:  # numpy comes with every backend library, never with the base install
+    import numpy as np
+    from numpy.typing import NDArray
+
+    # A next-token logit vector over the whole vocabulary, as a backend's model returns it.
+    Logits = NDArray[np.floating[Any]] | Sequence[float]
 
 # tokenize(text, special) -> token ids, never adding BOS: the backend decides about BOS once, for the prefix.
 Tokenize = Callable[[str, bool], list[int]]
@@ -70,7 +81,7 @@ class BackendStats:
 class Backend(ABC):
     """Scores pairs in the order given. Callers pass pairs through :func:`order_pairs` first."""
 
-    name: str = "?"
+    name: ClassVar[str] = "?"
 
     def __init__(self) -> None:
         self.stats = BackendStats()
@@ -111,6 +122,14 @@ class TokenPrompt:
     @property
     def ids(self) -> list[int]:
         return self.prefix + self.rest
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 class PromptBuilder:
@@ -198,7 +217,7 @@ def _logsumexp(values: Sequence[float]) -> float:
     return top + math.log(sum(math.exp(v - top) for v in values))
 
 
-def p_relevant_from_logits(logits: Sequence[float], answers: AnswerTokens) -> tuple[float, float]:
+def p_relevant_from_logits(logits: Logits, answers: AnswerTokens) -> tuple[float, float]:
     """P(yes) / (P(yes) + P(no)) from a full next-token logit vector, and the yes+no share of all mass.
 
     Renormalizing over the two answers is what makes P comparable across models whose chat habits put
@@ -245,3 +264,148 @@ class Stopwatch:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+# --- Hugging Face tokenizers (vLLM and MLX both load one with the model) ------------------------------
+
+
+class HFTokenizer(Protocol):
+    """The part of a Hugging Face tokenizer the prompt needs (``all_special_tokens`` is read when present)."""
+
+    def encode(self, text: str, /, *, add_special_tokens: bool) -> list[int]: ...
+
+    def apply_chat_template(
+        self, conversation: list[dict[str, str]], /, *, tokenize: bool, add_generation_prompt: bool
+    ) -> str: ...
+
+
+def encode_plain(tokenizer: HFTokenizer, text: str) -> list[int]:
+    """Encode untrusted text so that no special token comes out of it.
+
+    Hugging Face tokenizers always parse special-token strings, so we split them out and encode each piece on
+    its own: "<|im_end|>" in a document stays plain characters and cannot close the turn.
+    """
+    specials: list[str] = sorted(getattr(tokenizer, "all_special_tokens", None) or [], key=len, reverse=True)
+    pieces = [text]
+    for special in specials:
+        if not special:
+            continue
+        split: list[str] = []
+        for piece in pieces:
+            parts = piece.split(special)
+            for i, part in enumerate(parts):
+                if i:
+                    # Keep the characters, spelled so that they no longer match the special token.
+                    split.append(special[0])
+                    split.append(special[1:])
+                split.append(part)
+        pieces = split
+    ids: list[int] = []
+    for piece in pieces:
+        if piece:
+            ids.extend(tokenizer.encode(piece, add_special_tokens=False))
+    return ids
+
+
+# --- the backends' shared construction and scoring loop -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptTokenizer:
+    """A model's tokenizer as the prompt needs it: the chat template, how to tokenize, and the BOS to add."""
+
+    template: PromptTemplate
+    tokenize: Tokenize
+    bos: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hugging_face(cls, tokenizer: HFTokenizer) -> PromptTokenizer:
+        """The tokenizer vLLM and mlx-lm load with the model.
+
+        The rendered template already spells out any BOS (template text is encoded with special tokens on),
+        so no BOS is added on top.
+        """
+        rendered = tokenizer.apply_chat_template(sentinel_messages(), tokenize=False, add_generation_prompt=True)
+
+        def tokenize(text: str, special: bool) -> list[int]:
+            if not text:
+                return []
+            if special:
+                return list(tokenizer.encode(text, add_special_tokens=False))
+            return encode_plain(tokenizer, text)
+
+        return cls(PromptTemplate.from_rendered(rendered), tokenize)
+
+
+class PromptBackend(Backend):
+    """A backend that scores the versioned prompt, tokenized by its model's own tokenizer.
+
+    A subclass loads its model first and then calls this constructor with the model's tokenizer: the
+    prompt builder and the yes/no answer tokens both depend on that vocabulary.
+    """
+
+    def __init__(self, tokenizer: PromptTokenizer, *, n_ctx: int, max_document_tokens: int) -> None:
+        super().__init__()
+        self.builder = PromptBuilder(
+            tokenizer.template,
+            tokenizer.tokenize,
+            n_ctx=n_ctx,
+            bos=tokenizer.bos,
+            max_document_tokens=max_document_tokens,
+        )
+        self.answers = AnswerTokens.from_tokenizer(tokenizer.tokenize)
+
+
+class KVCacheBackend(PromptBackend):
+    """One forward pass per pair over only the tokens not already in the model's KV cache (llama.cpp, MLX).
+
+    The cache holds the tokens of the previous pair. Before a pair we keep the prefix it shares with them
+    and run the rest, so with pairs grouped by query the template + query run once per query. A subclass
+    implements :meth:`_forward`, the one step that touches its model library.
+    """
+
+    def __init__(
+        self, tokenizer: PromptTokenizer, *, n_ctx: int, max_document_tokens: int, reuse_prefix: bool = True
+    ) -> None:
+        super().__init__(tokenizer, n_ctx=n_ctx, max_document_tokens=max_document_tokens)
+        self.reuse_prefix = reuse_prefix
+        self._in_context: list[int] = []  # the tokens whose keys/values sit in the cache now
+
+    def forget_cache(self) -> None:
+        """Score the next pair cold, reusing nothing (as after a new claim; what a benchmark starts from)."""
+        self._in_context = []
+
+    @abstractmethod
+    def _forward(self, ids: list[int], *, keep: int, cached: int) -> Logits:
+        """Drop the cached tokens after the first ``keep`` of ``cached``, run ``ids[keep:]``, return the logits
+        after the last token. On failure the next call must still be right: it comes with ``keep = 0``."""
+
+    def next_token_logits(self, ids: list[int]) -> tuple[Logits, int]:
+        """Logits after ``ids`` and how many tokens ran: only those not already in the KV cache."""
+        keep = common_prefix_len(self._in_context, ids) if self.reuse_prefix else 0
+        # At least one token must run to produce fresh logits, even when the whole prompt is cached.
+        keep = min(keep, len(ids) - 1)
+        cached = len(self._in_context)
+        self._in_context = []  # if the model raises, the cache is in an unknown state: trust nothing of it
+        logits = self._forward(ids, keep=keep, cached=cached)
+        self._in_context = list(ids)
+        return logits, len(ids) - keep
+
+    def score_pairs(self, pairs: Iterable[Pair]) -> Iterator[Score]:
+        for pair in pairs:
+            watch = Stopwatch()
+            prompt = self.builder.build(pair.query, pair.document)
+            ids = prompt.ids
+            logits, evaluated = self.next_token_logits(ids)
+            p, mass = p_relevant_from_logits(logits, self.answers)
+            score = Score(
+                pair_id=pair.pair_id,
+                p_relevant=p,
+                truncated=prompt.truncated,
+                seconds=watch.elapsed(),
+                prompt_tokens=len(ids),
+                evaluated_tokens=evaluated,
+                yes_no_mass=mass,
+            )
+            self._account(score)
+            yield score

@@ -1,9 +1,9 @@
 """llama.cpp backend (llama-cpp-python): GGUF models on the CPU (or any GPU llama.cpp was built for).
 
-One forward pass per pair, and the KV cache of the prefix shared by consecutive pairs is kept: before each
-pair we compare its tokens with the tokens whose keys/values sit in the context, keep the common prefix
-(``n_tokens = n_keep``; ``Llama.eval`` then drops the KV cells after it) and evaluate only the rest.
-With pairs grouped by query, the template + query run once per query instead of once per pair.
+One forward pass per pair, and the KV cache of the prefix shared by consecutive pairs is kept
+(:class:`annotator.backends.base.KVCacheBackend`): ``n_tokens = keep`` makes ``Llama.eval`` drop the KV cells
+after the common prefix, and only the rest is evaluated. With pairs grouped by query, the template + query
+run once per query instead of once per pair.
 
 ``logits_all`` stays off: we read only the last position's logits (``llama_get_logits_ith(ctx, -1)``), and
 computing the 150k-way output layer for every prompt token would cost more than the rest of a small model.
@@ -12,27 +12,17 @@ computing the 150k-way output layer for every prompt token would cost more than 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from annotator.backends.base import (
-    AnswerTokens,
-    Backend,
-    Pair,
-    PromptBuilder,
-    Score,
-    Stopwatch,
-    p_relevant_from_logits,
-)
+from annotator.backends.base import KVCacheBackend, PromptTokenizer
 from annotator.prompt import CHATML_TEMPLATE, PromptTemplate, sentinel_messages
 
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+if TYPE_CHECKING:
+    import numpy as np
+    from llama_cpp import Llama
+    from llama_cpp.llama_types import ChatCompletionRequestMessage
+    from numpy.typing import NDArray
 
 
 def default_threads() -> int:
@@ -43,7 +33,7 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(KVCacheBackend):
     name = "llama_cpp"
 
     def __init__(
@@ -57,11 +47,9 @@ class LlamaCppBackend(Backend):
         reuse_prefix: bool = True,
         max_document_tokens: int = 1536,
     ) -> None:
-        super().__init__()
         import llama_cpp  # lazy: only volunteers on this backend have it installed
 
-        self._lib = llama_cpp
-        self.llm = llama_cpp.Llama(
+        self.llm: Llama = llama_cpp.Llama(
             model_path=str(model_path),
             n_ctx=n_ctx,
             n_batch=n_batch,
@@ -70,26 +58,27 @@ class LlamaCppBackend(Backend):
             logits_all=False,
             verbose=False,
         )
-        self.reuse_prefix = reuse_prefix
         self.n_vocab = self.llm.n_vocab()
         template = self._prompt_template()
         # Template text is tokenized with special tokens on, so a BOS the template writes out becomes the
         # BOS token by itself; add one only when the model wants it and the template did not write it.
-        bos_text = self._token_text(self.llm.token_bos())
+        bos_text = self.token_text(self.llm.token_bos())
         wants_bos = self._wants_bos() and not (bos_text and template.before_query.startswith(bos_text))
-        bos = [self.llm.token_bos()] if wants_bos else []
-        self.builder = PromptBuilder(
-            template, self._tokenize, n_ctx=n_ctx, bos=bos, max_document_tokens=max_document_tokens
+        bos = (self.llm.token_bos(),) if wants_bos else ()
+        super().__init__(
+            PromptTokenizer(template, self._tokenize, bos),
+            n_ctx=n_ctx,
+            max_document_tokens=max_document_tokens,
+            reuse_prefix=reuse_prefix,
         )
-        self.answers = AnswerTokens.from_tokenizer(self._tokenize)
-        self._in_context: list[int] = []  # the tokens whose KV cells are in the context now
 
     def _tokenize(self, text: str, special: bool) -> list[int]:
         if not text:
             return []
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
-    def _token_text(self, token: int) -> str:
+    def token_text(self, token: int) -> str:
+        """How the vocabulary spells one token, special tokens included."""
         return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
 
     def _wants_bos(self) -> bool:
@@ -104,45 +93,33 @@ class LlamaCppBackend(Backend):
 
         formatter = Jinja2ChatFormatter(
             template=source,
-            eos_token=self._token_text(self.llm.token_eos()),
-            bos_token=self._token_text(self.llm.token_bos()),
+            eos_token=self.token_text(self.llm.token_eos()),
+            bos_token=self.token_text(self.llm.token_bos()),
             add_generation_prompt=True,
         )
-        return PromptTemplate.from_rendered(formatter(messages=sentinel_messages()).prompt)
+        return PromptTemplate.from_rendered(formatter(messages=_sentinel_chat()).prompt)
 
-    def next_token_logits(self, ids: list[int]) -> tuple[list[float], int]:
-        """Logits after ``ids`` and how many tokens ran: only those not already in the KV cache."""
+    def _forward(self, ids: list[int], *, keep: int, cached: int) -> NDArray[np.float32]:
+        import llama_cpp
         import numpy as np
 
-        n_keep = common_prefix_len(self._in_context, ids) if self.reuse_prefix else 0
-        # At least one token must run to produce fresh logits, even when the whole prompt is cached.
-        n_keep = min(n_keep, len(ids) - 1)
-        self.llm.n_tokens = n_keep  # Llama.eval removes the KV cells from n_tokens on before decoding
-        self._in_context = []  # if eval raises, the context is in an unknown state: trust nothing of it
-        self.llm.eval(ids[n_keep:])
-        self._in_context = list(ids)
-        ptr = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-        return logits, len(ids) - n_keep
-
-    def score_pairs(self, pairs: Iterable[Pair]) -> Iterator[Score]:
-        for pair in pairs:
-            watch = Stopwatch()
-            prompt = self.builder.build(pair.query, pair.document)
-            ids = prompt.ids
-            logits, evaluated = self.next_token_logits(ids)
-            p, mass = p_relevant_from_logits(logits, self.answers)
-            score = Score(
-                pair_id=pair.pair_id,
-                p_relevant=p,
-                truncated=prompt.truncated,
-                seconds=watch.elapsed(),
-                prompt_tokens=len(ids),
-                evaluated_tokens=evaluated,
-                yes_no_mass=mass,
-            )
-            self._account(score)
-            yield score
+        self.llm.n_tokens = keep  # Llama.eval removes the KV cells from n_tokens on before decoding
+        self.llm.eval(ids[keep:])
+        logits = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).copy()
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _sentinel_chat() -> list[ChatCompletionRequestMessage]:
+    """The sentinel prompt as llama-cpp-python's typed chat messages (it renders only system and user turns)."""
+    chat: list[ChatCompletionRequestMessage] = []
+    for message in sentinel_messages():
+        if message["role"] == "system":
+            chat.append({"role": "system", "content": message["content"]})
+        elif message["role"] == "user":
+            chat.append({"role": "user", "content": message["content"]})
+        else:
+            raise ValueError(f"the prompt has a {message['role']!r} message that llama.cpp's formatter cannot take")
+    return chat

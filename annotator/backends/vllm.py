@@ -15,16 +15,14 @@ from itertools import islice
 from typing import Any
 
 from annotator.backends.base import (
-    AnswerTokens,
-    Backend,
     Pair,
-    PromptBuilder,
+    PromptBackend,
+    PromptTokenizer,
     Score,
     Stopwatch,
     TokenPrompt,
     p_relevant_from_logprobs,
 )
-from annotator.prompt import PromptTemplate, sentinel_messages
 
 # vLLM returns at most `max_logprobs` (default 20) alternatives per position; ask for all of them so that
 # every spelling of yes/no the model puts real mass on is seen.
@@ -40,7 +38,7 @@ def vllm_quantization(quantization: str) -> str | None:
     return None
 
 
-class VLLMBackend(Backend):
+class VLLMBackend(PromptBackend):
     name = "vllm"
 
     def __init__(
@@ -54,7 +52,7 @@ class VLLMBackend(Backend):
         max_document_tokens: int = 3072,
         engine: Any = None,
     ) -> None:
-        super().__init__()
+        # The engine is a vllm.LLM (or a test double): typed only as far as vLLM itself is.
         if engine is None:
             from vllm import LLM  # lazy: the [gpu] extra, CUDA machines only
 
@@ -68,24 +66,11 @@ class VLLMBackend(Backend):
         self.engine = engine
         self.tokenizer = engine.get_tokenizer()
         self.micro_batch = micro_batch
-        rendered = self.tokenizer.apply_chat_template(sentinel_messages(), tokenize=False, add_generation_prompt=True)
-        # The rendered template already spells out any BOS; template text is encoded with special tokens on.
-        self.builder = PromptBuilder(
-            PromptTemplate.from_rendered(rendered),
-            self._tokenize,
+        super().__init__(
+            PromptTokenizer.from_hugging_face(self.tokenizer),
             n_ctx=max_model_len,
             max_document_tokens=max_document_tokens,
         )
-        self.answers = AnswerTokens.from_tokenizer(self._tokenize)
-
-    def _tokenize(self, text: str, special: bool) -> list[int]:
-        if not text:
-            return []
-        if special:
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
-        # Hugging Face tokenizers always parse special-token strings; for untrusted text we split them out
-        # and encode each piece on its own, so "<|im_end|>" in a document stays plain characters.
-        return _encode_plain(self.tokenizer, text)
 
     def _sampling_params(self) -> Any:
         from vllm import SamplingParams
@@ -95,7 +80,7 @@ class VLLMBackend(Backend):
 
     def _generate(self, prompts: list[TokenPrompt]) -> list[Any]:
         requests = [{"prompt_token_ids": p.ids} for p in prompts]
-        return self.engine.generate(requests, self._sampling_params(), use_tqdm=False)
+        return list(self.engine.generate(requests, self._sampling_params(), use_tqdm=False))
 
     def score_pairs(self, pairs: Iterable[Pair]) -> Iterator[Score]:
         iterator = iter(pairs)
@@ -109,7 +94,7 @@ class VLLMBackend(Backend):
             for pair, prompt, out in zip(chunk, prompts, outputs, strict=True):
                 completion = out.outputs[0]
                 top = completion.logprobs[0] if completion.logprobs else {}
-                logprobs = {int(tok): float(_logprob(lp)) for tok, lp in top.items()}
+                logprobs = {int(tok): _logprob(lp) for tok, lp in top.items()}
                 p, mass = p_relevant_from_logprobs(logprobs, self.answers)
                 cached = getattr(out, "num_cached_tokens", None) or 0
                 score = Score(
@@ -127,27 +112,4 @@ class VLLMBackend(Backend):
 
 def _logprob(value: Any) -> float:
     # vLLM gives Logprob objects (with .logprob); older versions and fakes may give bare floats.
-    return value.logprob if hasattr(value, "logprob") else value
-
-
-def _encode_plain(tokenizer: Any, text: str) -> list[int]:
-    specials = sorted(getattr(tokenizer, "all_special_tokens", []) or [], key=len, reverse=True)
-    pieces = [text]
-    for special in specials:
-        if not special:
-            continue
-        split: list[str] = []
-        for piece in pieces:
-            parts = piece.split(special)
-            for i, part in enumerate(parts):
-                if i:
-                    # Keep the characters, spelled so that they no longer match the special token.
-                    split.append(special[0])
-                    split.append(special[1:])
-                split.append(part)
-        pieces = split
-    ids: list[int] = []
-    for piece in pieces:
-        if piece:
-            ids.extend(tokenizer.encode(piece, add_special_tokens=False))
-    return ids
+    return float(value.logprob if hasattr(value, "logprob") else value)

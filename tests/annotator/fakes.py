@@ -1,6 +1,7 @@
 """Test doubles at the annotator's two boundaries: the network (an in-memory kombinat behind
 httpx.MockTransport, which records every request byte for the privacy test) and the model (a backend with
-scripted scores). The real kombinat is exercised in test_integration.py."""
+scripted scores, and a Hugging Face-shaped tokenizer for the vLLM and MLX backends, whose libraries cannot
+be installed here). The real kombinat is exercised in test_integration.py."""
 
 from __future__ import annotations
 
@@ -112,3 +113,37 @@ class ScriptedBackend(Backend):
             self.seen.append(pair.pair_id)
             p = 0.8 if pair.document[-1] in "02468" else 0.1
             yield Score(pair.pair_id, p, False, 0.01, 10, 5, 0.9)
+
+
+class FakeHFTokenizer:
+    """Word-level tokenizer with ChatML special tokens, shaped like a Hugging Face tokenizer."""
+
+    all_special_tokens = ("<|im_start|>", "<|im_end|>")
+    bos_token = None
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {"<|im_start|>": 0, "<|im_end|>": 1}
+        self.encode_calls: list[str] = []
+
+    def token_id(self, piece: str) -> int:
+        return self.vocab.setdefault(piece, len(self.vocab))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        assert add_special_tokens is False  # the backend never lets the tokenizer add BOS/EOS on its own
+        self.encode_calls.append(text)
+        ids: list[int] = []
+        rest = text
+        while rest:
+            specials = [(rest.find(s), s) for s in self.all_special_tokens if s in rest]
+            if not specials:
+                ids += [self.token_id(w) for w in rest.replace("\n", " \n ").split(" ") if w]
+                break
+            pos, special = min(specials)
+            ids += [self.token_id(w) for w in rest[:pos].replace("\n", " \n ").split(" ") if w]
+            ids.append(self.vocab[special])
+            rest = rest[pos + len(special) :]
+        return ids
+
+    def apply_chat_template(self, msgs: list[dict[str, str]], tokenize: bool, add_generation_prompt: bool) -> str:
+        out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")

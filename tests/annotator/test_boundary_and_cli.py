@@ -1,18 +1,21 @@
-"""The install boundary (the annotator is the base install) and the CLI's help."""
+"""The install boundary (the annotator is the base install), its module boundaries, and the CLI's help."""
 
 from __future__ import annotations
 
+import ast
 import json
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
 import annotator
 from annotator.cli import app
 
-FORBIDDEN = ("dagster", "torch", "fastapi", "sqlmodel", "kombinat_api", "embedkomb_pipeline")
+FORBIDDEN = ("dagster", "torch", "fastapi", "sqlalchemy", "kombinat_api", "embedkomb_pipeline")
+PACKAGE_DIR = Path(annotator.__file__).parent
 
 
 def test_no_annotator_module_imports_the_server_or_pipeline_stack() -> None:
@@ -31,6 +34,31 @@ print(json.dumps(bad))
     # Backend libraries load only when a backend is constructed.
     check = "import annotator.backends.vllm, annotator.backends.mlx, sys; print('vllm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def annotator_imports() -> list[tuple[str, str, str]]:
+    """(file, module, name) for every ``from annotator... import name`` inside the package."""
+    found = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "annotator":
+                found += [(path.relative_to(PACKAGE_DIR).as_posix(), node.module or "", a.name) for a in node.names]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    private = [item for item in annotator_imports() if item[2].startswith("_") and not item[2].startswith("__")]
+    assert private == []
+
+
+def test_backends_share_code_only_through_base() -> None:
+    siblings = [
+        (file, module)
+        for file, module, _ in annotator_imports()
+        if file.startswith("backends/") and file != "backends/__init__.py"
+        and module.startswith("annotator.backends.") and module != "annotator.backends.base"
+    ]  # fmt: skip
+    assert siblings == []
 
 
 def test_help_explains_every_command() -> None:

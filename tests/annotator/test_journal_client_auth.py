@@ -15,7 +15,7 @@ import pytest
 
 from annotator import auth
 from annotator.backends.base import Pair
-from annotator.client import ApiError, KombinatClient, LeaseLost, Unavailable
+from annotator.client import ApiError, KombinatClient, LeaseLost, Unavailable, UnexpectedResponse
 from annotator.journal import Journal, JournalBusy, journal_path, peek
 
 MODEL = {"backend": "llama_cpp", "model_id": "m", "quantization": "q", "annotator_version": "v"}
@@ -178,7 +178,21 @@ def test_requests_carry_the_token_only_where_needed() -> None:
     assert seen[0].headers["user-agent"].startswith("embedkomb-annotator/")
 
 
+def test_a_2xx_body_that_is_not_an_object_is_refused_by_name() -> None:
+    client, sleeps, _ = client_for(lambda r: httpx.Response(200, json=["not", "a", "batch"]))
+    with pytest.raises(UnexpectedResponse, match=r"POST /batches/claim with list"):
+        client.claim(10, MODEL)
+    assert sleeps == []  # the server answered: retrying would get the same body
+
+
 # --- token file and device flow -------------------------------------------------------------------------
+
+
+def test_a_credentials_file_that_is_not_an_object_is_explained(isolated_dirs: Path) -> None:
+    auth.token_path().parent.mkdir(parents=True)
+    auth.token_path().write_text("[]")
+    with pytest.raises(RuntimeError, match="not a credentials file; delete it"):
+        auth.load()
 
 
 def test_token_file_is_created_with_mode_0600(isolated_dirs: Path) -> None:

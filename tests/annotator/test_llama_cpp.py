@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from annotator.backends.base import Pair, order_pairs
-from annotator.backends.llama_cpp import LlamaCppBackend, common_prefix_len
+from annotator.backends.llama_cpp import LlamaCppBackend
 
 PAIRS = [
     Pair("a1", "what causes the seasons", "The tilt of Earth's axis causes the seasons."),
@@ -18,23 +18,17 @@ PAIRS = [
 ]
 
 
-def test_common_prefix_len() -> None:
-    assert common_prefix_len([1, 2, 3], [1, 2, 4]) == 2
-    assert common_prefix_len([], [1]) == 0
-    assert common_prefix_len([1, 2], [1, 2, 3]) == 2
-
-
 def test_uses_the_models_own_chat_template(tiny_backend: LlamaCppBackend) -> None:
     # SmolLM2's GGUF carries a ChatML template; the prompt must start with <|im_start|> as one special token.
     first = tiny_backend.builder.before_query[0]
-    assert tiny_backend._token_text(first) == "<|im_start|>"
+    assert tiny_backend.token_text(first) == "<|im_start|>"
     text = tiny_backend.llm.detokenize(tiny_backend.builder.after_document, special=True).decode()
     assert text.endswith("<|im_start|>assistant\n")
 
 
 def test_yes_no_variants_are_real_single_tokens(tiny_backend: LlamaCppBackend) -> None:
-    yes = {tiny_backend._token_text(t) for t in tiny_backend.answers.yes}
-    no = {tiny_backend._token_text(t) for t in tiny_backend.answers.no}
+    yes = {tiny_backend.token_text(t) for t in tiny_backend.answers.yes}
+    no = {tiny_backend.token_text(t) for t in tiny_backend.answers.no}
     assert {"yes", "Yes"} <= yes
     assert {"no", "No"} <= no
 
@@ -51,7 +45,7 @@ def test_prefix_reuse_evaluates_the_shared_prefix_once_and_changes_nothing(
     tiny_model_path: Path, tiny_backend: LlamaCppBackend
 ) -> None:
     ordered = order_pairs(PAIRS)
-    tiny_backend._in_context = []  # start cold, whatever earlier tests left in the context
+    tiny_backend.forget_cache()  # start cold, whatever earlier tests left in the context
     with_reuse = list(tiny_backend.score_pairs(ordered))
     prefix_a = tiny_backend.builder.build(ordered[0].query, ordered[0].document).prefix
     # Second and third pair of the first query: only the document part ran through the model.

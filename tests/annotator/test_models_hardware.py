@@ -13,12 +13,16 @@ import pytest
 from annotator.hardware import GPU, HardwareFacts, detect, parse_nvidia_smi
 from annotator.models import (
     MISSION_TABLE,
+    TIER_DEFAULT,
+    TIER_MAX,
+    TIER_MIN,
     ModelError,
     RegistryEntry,
     VerifiedHashes,
     choose_model,
     download,
     entry_for_local_path,
+    parse_tier,
     sha256_tree,
 )
 
@@ -123,6 +127,60 @@ def test_explicit_model_and_backend() -> None:
         choose_model(hw(), not_admitted, model="qwen2.5-1.5b-instruct-gguf")
     forced = choose_model(hw(gpu_gb=24, ram=16, installed=("vllm",)), registry, backend="llama_cpp")
     assert forced.backend == "llama_cpp"
+
+
+def test_an_accelerator_without_its_backend_library_says_what_to_install() -> None:
+    without = choose_model(hw(gpu_gb=24, ram=16), registry_of_the_mission())
+    assert any("NVIDIA GPU found (NVIDIA Test, 24 GB), but vLLM is not installed" in r for r in without.reasons)
+    assert any("embedkomb[gpu]" in r for r in without.reasons)
+    apple = choose_model(hw(ram=16, apple=True, installed=("mlx",)), registry_of_the_mission())
+    assert apple.reasons[0] == "Apple Silicon with 16 GB unified memory: mlx-lm"
+
+
+API_ENTRY: dict[str, Any] = {"name": "m", "backend": "llama_cpp", "model_id": "org/m", "quantization": "Q4_K_M"}
+
+
+@pytest.mark.parametrize(
+    ("tier", "expected"),
+    [
+        (3, 3),
+        (0, 0),
+        (TIER_MAX, TIER_MAX),
+        (None, TIER_DEFAULT),  # absent or null: kombinat's default
+        (TIER_MAX + 1, TIER_DEFAULT),  # outside kombinat's range
+        (-1, TIER_DEFAULT),
+        ("gpu", TIER_DEFAULT),  # the old free-text tier
+        ("3", TIER_DEFAULT),  # kombinat sends a number; text is not guessed at
+        (2.5, TIER_DEFAULT),
+        (True, TIER_DEFAULT),  # a JSON boolean is an int to Python, but no tier
+    ],
+)
+def test_tier_is_kombinats_int_and_a_bad_value_never_breaks_the_registry(tier: object, expected: int) -> None:
+    assert parse_tier(tier) == expected
+    entry = RegistryEntry.from_api({**API_ENTRY, "tier": tier})
+    assert entry.tier == expected and isinstance(entry.tier, int)
+    assert RegistryEntry.from_api(API_ENTRY).tier == TIER_DEFAULT
+
+
+def test_tier_range_agrees_with_kombinats_schema() -> None:
+    from kombinat_api.schemas import ModelEntry  # the source of truth (the test environment has the server)
+
+    tier = ModelEntry.model_fields["tier"]
+    bounds = {type(rule).__name__: rule for rule in tier.metadata}
+    assert tier.annotation is int and tier.default == TIER_DEFAULT
+    assert (bounds["Ge"].ge, bounds["Le"].le) == (TIER_MIN, TIER_MAX)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [{"size_bytes": "1 GB"}, {"min_memory_gb": "lots"}, {"qualification": "yes"}, {"model_id": None, "name": None}],
+)
+def test_a_malformed_registry_entry_is_a_model_error_naming_it(broken: dict[str, object]) -> None:
+    data = {**API_ENTRY, **broken}
+    if data.get("name") is None:
+        del data["name"]  # a missing required field, not only a mistyped one
+    with pytest.raises(ModelError, match=r"registry entry .* is malformed"):
+        RegistryEntry.from_api(data)
 
 
 def test_threshold_comes_from_qualification_when_present() -> None:

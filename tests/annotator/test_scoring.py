@@ -1,4 +1,5 @@
-"""Prompt, yes/no token handling, ordering and truncation: pure logic, no model."""
+"""Prompt, yes/no token handling, ordering, truncation and the backends' shared KV-cache bookkeeping: pure
+logic, no model."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import pytest
 
 from annotator.backends.base import (
     AnswerTokens,
+    KVCacheBackend,
     Pair,
     PromptBuilder,
+    PromptTokenizer,
+    common_prefix_len,
+    encode_plain,
     order_pairs,
     p_relevant_from_logits,
     p_relevant_from_logprobs,
@@ -23,6 +28,7 @@ from annotator.prompt import (
     messages,
     render_chatml,
 )
+from tests.annotator.fakes import FakeHFTokenizer
 
 
 class WordTokenizer:
@@ -124,10 +130,15 @@ def test_order_pairs_groups_by_query_stably() -> None:
     assert order_pairs([]) == []
 
 
-def builder(n_ctx: int = 200, **kw: int) -> tuple[PromptBuilder, WordTokenizer]:
+def builder(
+    n_ctx: int = 200, *, max_query_tokens: int = 256, max_document_tokens: int = 1536
+) -> tuple[PromptBuilder, WordTokenizer]:
     tok = WordTokenizer()
     template = PromptTemplate("sys instruction Query:", " Document:", " question answer:")
-    return PromptBuilder(template, tok, n_ctx=n_ctx, **kw), tok
+    prompt_builder = PromptBuilder(
+        template, tok, n_ctx=n_ctx, max_query_tokens=max_query_tokens, max_document_tokens=max_document_tokens
+    )
+    return prompt_builder, tok
 
 
 def test_prompt_builder_shares_the_prefix_within_a_query() -> None:
@@ -161,3 +172,106 @@ def test_prompt_builder_caps_query_and_document_lengths() -> None:
 def test_prompt_builder_rejects_a_context_smaller_than_the_template() -> None:
     with pytest.raises(ValueError, match="too small"):
         builder(n_ctx=10)
+
+
+# --- the Hugging Face tokenizer handling of vLLM and MLX ------------------------------------------------
+
+
+def test_hugging_face_tokenizer_gives_the_chat_template_and_keeps_special_strings_plain() -> None:
+    hf = FakeHFTokenizer()
+    tokenizer = PromptTokenizer.from_hugging_face(hf)
+    assert tokenizer.template == CHATML_TEMPLATE  # the fake renders ChatML, as Qwen's tokenizer does
+    assert tokenizer.bos == ()  # the rendered template spells out its own BOS, if any
+    im_end = hf.vocab["<|im_end|>"]
+    assert tokenizer.tokenize("<|im_end|>", True) == [im_end]
+    plain = tokenizer.tokenize("evil <|im_end|> text", False)
+    assert im_end not in plain and plain == encode_plain(hf, "evil <|im_end|> text")
+    assert tokenizer.tokenize("", True) == tokenizer.tokenize("", False) == []
+
+
+def test_encode_plain_keeps_the_characters_of_special_tokens() -> None:
+    hf = FakeHFTokenizer()
+    ids = encode_plain(hf, "a<|im_start|>b")
+    pieces = {i: piece for piece, i in hf.vocab.items()}
+    assert "".join(pieces[i] for i in ids) == "a<|im_start|>b"
+    assert hf.vocab["<|im_start|>"] not in ids
+
+
+# --- KVCacheBackend: what llama.cpp and MLX share -------------------------------------------------------
+
+
+class RecordingKVCacheBackend(KVCacheBackend):
+    """A KV-cache backend over the word tokenizer whose forward pass records what it was asked to run."""
+
+    name = "test"
+
+    def __init__(self, reuse_prefix: bool = True) -> None:
+        self.words = WordTokenizer()
+        template = PromptTemplate("sys instruction Query:", " Document:", " question answer:")
+        tokenizer = PromptTokenizer(template, self.words, bos=(10_000,))
+        super().__init__(tokenizer, n_ctx=200, max_document_tokens=64, reuse_prefix=reuse_prefix)
+        self.forwards: list[tuple[int, int]] = []  # (keep, cached) per call
+        self.fail_next = False
+
+    def _forward(self, ids: list[int], *, keep: int, cached: int) -> list[float]:
+        self.forwards.append((keep, cached))
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the model failed")
+        logits = [0.0] * len(self.words.vocab)
+        for token in self.answers.yes:  # every pair reads as relevant
+            logits[token] = 3.0
+        return logits
+
+
+QUERY_A = [Pair("a1", "red apples", "first doc"), Pair("a2", "red apples", "second doc")]
+QUERY_B = [Pair("b1", "green pears", "third doc")]
+
+
+def test_common_prefix_len() -> None:
+    assert common_prefix_len([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix_len([], [1]) == 0
+    assert common_prefix_len([1, 2], [1, 2, 3]) == 2
+
+
+def test_kv_cache_backend_builds_the_prompt_with_the_tokenizers_bos_and_answers() -> None:
+    backend = RecordingKVCacheBackend()
+    assert backend.builder.before_query[0] == 10_000
+    assert backend.words.vocab["yes"] in backend.answers.yes and backend.words.vocab["no"] in backend.answers.no
+
+
+def test_kv_cache_backend_runs_only_what_the_cache_lacks() -> None:
+    backend = RecordingKVCacheBackend()
+    scores = list(backend.score_pairs(order_pairs(QUERY_A + QUERY_B)))
+    a1, a2, b1 = (backend.builder.build(p.query, p.document) for p in QUERY_A + QUERY_B)
+    shared_by_queries = common_prefix_len(a2.ids, b1.ids)
+    assert backend.forwards == [(0, 0), (len(a1.prefix), len(a1.ids)), (shared_by_queries, len(a2.ids))]
+    assert [s.evaluated_tokens for s in scores] == [len(a1.ids), len(a2.rest), len(b1.ids) - shared_by_queries]
+    assert all(s.p_relevant > 0.5 for s in scores)
+    assert backend.stats.pairs == 3 and backend.stats.evaluated_tokens == sum(s.evaluated_tokens for s in scores)
+
+
+def test_kv_cache_backend_always_runs_one_token_and_can_reuse_nothing() -> None:
+    backend = RecordingKVCacheBackend()
+    list(backend.score_pairs(QUERY_A[:1] * 2))  # the same prompt twice: one token must run for fresh logits
+    ids = backend.builder.build(QUERY_A[0].query, QUERY_A[0].document).ids
+    assert backend.forwards[-1] == (len(ids) - 1, len(ids))
+    backend.forget_cache()
+    list(backend.score_pairs(QUERY_A[:1]))
+    assert backend.forwards[-1] == (0, 0)
+
+    cold = RecordingKVCacheBackend(reuse_prefix=False)
+    scores = list(cold.score_pairs(QUERY_A))
+    assert [keep for keep, _ in cold.forwards] == [0, 0]
+    assert all(s.evaluated_tokens == s.prompt_tokens for s in scores)
+
+
+def test_kv_cache_backend_trusts_nothing_in_the_cache_after_a_failure() -> None:
+    backend = RecordingKVCacheBackend()
+    list(backend.score_pairs(QUERY_A[:1]))
+    backend.fail_next = True
+    with pytest.raises(RuntimeError, match="the model failed"):
+        list(backend.score_pairs(QUERY_A[1:]))
+    [score] = backend.score_pairs(QUERY_A[1:])
+    assert backend.forwards[-1] == (0, 0)
+    assert score.evaluated_tokens == score.prompt_tokens

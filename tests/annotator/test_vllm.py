@@ -12,43 +12,10 @@ from typing import Any
 
 import pytest
 
-from annotator.backends.base import Pair, order_pairs
-from annotator.backends.llama_cpp import common_prefix_len
+from annotator.backends import load_backend
+from annotator.backends.base import Pair, common_prefix_len, order_pairs
 from annotator.backends.vllm import TOP_LOGPROBS, VLLMBackend, vllm_quantization
-
-
-class FakeHFTokenizer:
-    """Word-level tokenizer with ChatML special tokens, shaped like a Hugging Face tokenizer."""
-
-    all_special_tokens = ("<|im_start|>", "<|im_end|>")
-    bos_token = None
-
-    def __init__(self) -> None:
-        self.vocab: dict[str, int] = {"<|im_start|>": 0, "<|im_end|>": 1}
-        self.encode_calls: list[str] = []
-
-    def _id(self, piece: str) -> int:
-        return self.vocab.setdefault(piece, len(self.vocab))
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        assert add_special_tokens is False  # the backend never lets the tokenizer add BOS/EOS on its own
-        self.encode_calls.append(text)
-        ids: list[int] = []
-        rest = text
-        while rest:
-            specials = [(rest.find(s), s) for s in self.all_special_tokens if s in rest]
-            if not specials:
-                ids += [self._id(w) for w in rest.replace("\n", " \n ").split(" ") if w]
-                break
-            pos, special = min(specials)
-            ids += [self._id(w) for w in rest[:pos].replace("\n", " \n ").split(" ") if w]
-            ids.append(self.vocab[special])
-            rest = rest[pos + len(special) :]
-        return ids
-
-    def apply_chat_template(self, msgs: list[dict[str, str]], tokenize: bool, add_generation_prompt: bool) -> str:
-        out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
-        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+from tests.annotator.fakes import FakeHFTokenizer
 
 
 @dataclass
@@ -117,7 +84,7 @@ def make_backend(fake_vllm: types.ModuleType, **kw: Any) -> VLLMBackend:
     backend = VLLMBackend("/models/qwen-7b-awq", quantization="AWQ", max_model_len=512, **kw)
     tok = backend.tokenizer
     for word in ("Yes", "No", "The"):
-        tok._id(word)
+        tok.token_id(word)
     return backend
 
 
@@ -127,6 +94,13 @@ def test_engine_is_built_with_prefix_caching_and_the_right_quantization(fake_vll
     assert backend.engine.kwargs["quantization"] == "awq"
     assert backend.engine.kwargs["model"] == "/models/qwen-7b-awq"
     assert vllm_quantization("bf16") is None and vllm_quantization("GPTQ-int4") == "gptq"
+
+
+def test_load_backend_passes_the_quantization_and_leaves_threads_to_llama_cpp(fake_vllm: types.ModuleType) -> None:
+    backend = load_backend("vllm", "/models/qwen-7b-awq", quantization="AWQ", n_threads=4)
+    assert isinstance(backend, VLLMBackend)
+    assert backend.engine.kwargs["quantization"] == "awq"
+    assert "n_threads" not in backend.engine.kwargs
 
 
 def test_one_output_token_with_logprobs_and_p_from_yes_vs_no(fake_vllm: types.ModuleType) -> None:

@@ -42,6 +42,43 @@ MODELS_DIR = REPO_ROOT / "models"
 BACKEND = "llama_cpp"
 
 
+@dataclass(frozen=True, kw_only=True)
+class ModelFile:
+    """A GGUF file as kombinat's model registry describes it: what volunteers' annotators read to pick, download
+    and verify a model. `registry_entry` is the one place the entry (kombinat's `ModelEntry`) is built."""
+
+    name: str  # the registry entry's name, e.g. "qwen2.5-coder-1.5b-q4_k_m"
+    model_id: str  # the upstream model the file is a quantization of
+    quantization: str
+    sha256: str
+    size_bytes: int
+    hub_repo: str = ""  # the official GGUF repository, when the upstream publishes one
+    hub_file: str = ""
+    backend: str = BACKEND
+    tier: int = 0
+
+    @property
+    def min_memory_gb(self) -> float:
+        return min_memory_gb(self.size_bytes)
+
+    def registry_entry(self, *, admitted: bool, qualification: Mapping[str, Any]) -> dict[str, Any]:
+        """The body item of PUT /api/v1/admin/models."""
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "model_id": self.model_id,
+            "quantization": self.quantization,
+            "tier": self.tier,
+            "hub_repo": self.hub_repo,
+            "hub_file": self.hub_file,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "min_memory_gb": self.min_memory_gb,
+            "admitted": admitted,
+            "qualification": dict(qualification),
+        }
+
+
 @dataclass(frozen=True)
 class OfflineModel:
     name: str  # the key used on the command line and in configs, e.g. "smollm2-135m"
@@ -62,6 +99,14 @@ class OfflineModel:
 
     def path(self, models_dir: Path = MODELS_DIR) -> Path:
         return models_dir / self.filename
+
+    @property
+    def file(self) -> ModelFile:
+        """The pinned file as the registry describes it."""
+        return ModelFile(
+            name=self.registry_name, model_id=self.model_id, quantization=self.quantization, sha256=self.sha256,
+            size_bytes=self.size, hub_repo=self.hub_repo, hub_file=self.filename,
+        )  # fmt: skip
 
 
 MODELS: dict[str, OfflineModel] = {
@@ -113,51 +158,9 @@ def min_memory_gb(size_bytes: int) -> float:
     return math.ceil(size_bytes * 1.3 / 1e9 * 2) / 2
 
 
-def registry_entry(
-    *,
-    name: str,
-    model_id: str,
-    quantization: str,
-    sha256: str,
-    size_bytes: int,
-    hub_file: str,
-    admitted: bool,
-    qualification: Mapping[str, Any],
-    hub_repo: str = "",
-    backend: str = BACKEND,
-    tier: int = 0,
-) -> dict[str, Any]:
-    """kombinat's model registry entry (the body item of PUT /api/v1/admin/models, `ModelEntry` in kombinat's
-    schemas): what volunteers' annotators read to pick, download and verify a model."""
-    return {
-        "name": name,
-        "backend": backend,
-        "model_id": model_id,
-        "quantization": quantization,
-        "tier": tier,
-        "hub_repo": hub_repo,
-        "hub_file": hub_file,
-        "sha256": sha256,
-        "size_bytes": size_bytes,
-        "min_memory_gb": min_memory_gb(size_bytes),
-        "admitted": admitted,
-        "qualification": dict(qualification),
-    }
-
-
 def offline_registry_entry(model: OfflineModel, *, admitted: bool, note: str) -> dict[str, Any]:
     """The registry entry of a pinned offline model, admitted by hand (demo and tests) with a note saying why."""
-    return registry_entry(
-        name=model.registry_name,
-        model_id=model.model_id,
-        quantization=model.quantization,
-        sha256=model.sha256,
-        size_bytes=model.size,
-        hub_repo=model.hub_repo,
-        hub_file=model.filename,
-        admitted=admitted,
-        qualification={"note": note},
-    )
+    return model.file.registry_entry(admitted=admitted, qualification={"note": note})
 
 
 def tiny_model_path(models_dir: Path = MODELS_DIR) -> Path:

@@ -34,7 +34,7 @@ from annotator.models import sha256_file
 from embedkomb_pipeline.formatting import number
 from embedkomb_pipeline.labeling.agreement import accuracy, auc, best_threshold, kappa_at
 from embedkomb_pipeline.offline_models import MODELS as OFFLINE_MODELS
-from embedkomb_pipeline.offline_models import MODELS_DIR, registry_entry
+from embedkomb_pipeline.offline_models import MODELS_DIR, ModelFile
 from embedkomb_pipeline.sources.gold import QUALIFICATION_SOURCES, GoldSource, build_gold_pairs
 
 DEFAULT_MODELS_DIR = MODELS_DIR
@@ -46,17 +46,19 @@ class QualificationError(ValueError):
 
 @dataclass(frozen=True)
 class Candidate:
-    """A labeling model to qualify, with what its registry entry will say about it."""
+    """A labeling model to qualify: its file on this machine, and what its registry entry will say about it."""
 
-    name: str  # registry entry name, e.g. "qwen2.5-coder-1.5b-q4_k_m"
     path: Path
-    model_id: str
-    quantization: str
-    sha256: str
-    size_bytes: int
-    hub_repo: str = ""
-    hub_file: str = ""
+    file: ModelFile
     description: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+    @property
+    def sha256(self) -> str:
+        return self.file.sha256
 
 
 @dataclass
@@ -119,19 +121,8 @@ def offline_candidates(
         digest = hasher(path)
         if digest != model.sha256:
             raise QualificationError(f"{path} has sha256 {digest}, not the pinned {model.sha256}: refusing it")
-        out.append(
-            Candidate(
-                name=model.registry_name,
-                path=path,
-                model_id=model.model_id,
-                quantization=model.quantization,
-                sha256=digest,
-                size_bytes=path.stat().st_size,
-                hub_repo=model.hub_repo,
-                hub_file=model.filename,
-                description=model.upstream,
-            )
-        )
+        # the hash matched the pin, so the file is the pinned one, size and all
+        out.append(Candidate(path=path, file=model.file, description=model.upstream))
     return out
 
 
@@ -142,16 +133,15 @@ def candidate_from_path(path: str | os.PathLike[str], sha256_of: Callable[[Path]
         raise QualificationError(f"{path} is not a GGUF file")
     quant = re.search(r"(?i)\b(q\d(?:_k)?(?:_[a-z0-9]+)?|f16|bf16|f32)\b", path.stem.replace(".", " "))
     quantization = quant.group(1).upper() if quant else "unknown"
-    return Candidate(
+    file = ModelFile(
         name=re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()),
-        path=path,
         model_id=f"local/{path.stem}",
         quantization=quantization,
         sha256=(sha256_of or sha256_file)(path),
         size_bytes=path.stat().st_size,
         hub_file=path.name,
-        description=f"local file {path}",
     )
+    return Candidate(path=path, file=file, description=f"local file {path}")
 
 
 # --- gold -----------------------------------------------------------------------------------------------
@@ -311,8 +301,8 @@ def qualify(
     for candidate in candidates:
         report = ModelReport(
             name=candidate.name,
-            model_id=candidate.model_id,
-            quantization=candidate.quantization,
+            model_id=candidate.file.model_id,
+            quantization=candidate.file.quantization,
             path=str(candidate.path),
             sha256=candidate.sha256,
             description=candidate.description,
@@ -338,14 +328,7 @@ def qualify(
 
 def qualified_registry_entry(candidate: Candidate, report: ModelReport, gold_sources: Sequence[str]) -> dict[str, Any]:
     """kombinat's model registry entry for one qualified-or-not model, its figures in `qualification`."""
-    return registry_entry(
-        name=candidate.name,
-        model_id=candidate.model_id,
-        quantization=candidate.quantization,
-        sha256=candidate.sha256,
-        size_bytes=candidate.size_bytes,
-        hub_repo=candidate.hub_repo,
-        hub_file=candidate.hub_file,
+    return candidate.file.registry_entry(
         admitted=report.admitted,
         qualification={
             "kappa": report.kappa,

@@ -8,7 +8,9 @@ token row: the counter lives in PostgreSQL, so the limit holds across any number
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,7 @@ from psycopg import AsyncCursor, Cursor
 from sqlalchemy import Connection
 
 from kombinat_api.db import transaction
+from kombinat_api.routes.deps import engine_of, settings_of
 
 TOKEN_PREFIX = "kmb_"
 
@@ -81,6 +84,17 @@ def unauthorized(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": "Bearer"})
 
 
+def too_many_requests(limit: str, retry_after: float) -> HTTPException:
+    """A 429 for a fixed one-minute window: ``limit`` says what was exceeded, ``retry_after`` (seconds) is when
+    the window turns over."""
+    seconds = int(retry_after)
+    return HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS,
+        detail=f"Rate limit exceeded: {limit}; retry in {seconds} s.",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
 def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization")
     if not header:
@@ -102,7 +116,7 @@ async def token_of(request: Request) -> str:
 async def principal_in(cur: AsyncCursor[Any], request: Request, token: str) -> Principal:
     """Resolve the caller inside the hot path's own transaction (one pool checkout, one commit); what follows
     in that transaction runs on generic plans when ``hot_path_generic_plans`` is on."""
-    settings = request.app.state.settings
+    settings = settings_of(request)
     return await resolve_async(
         cur,
         token,
@@ -136,31 +150,21 @@ def _principal(row: tuple[Any, ...] | None, token: str, contributor_limit: int, 
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="This contributor account is banned.")
     limit = admin_limit if is_admin else contributor_limit
     if count > limit:
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            detail=f"Rate limit exceeded: at most {limit} requests per minute per token; retry in "
-            f"{int(retry_after)} s.",
-            headers={"Retry-After": str(int(retry_after))},
-        )
+        raise too_many_requests(f"at most {limit} requests per minute per token", retry_after)
     return Principal(cid, login, bool(is_admin), bool(trusted), bool(good), hash_token(token))
 
 
 def rate_limit_key(conn: Connection, key: str, limit: int) -> None:
     count, retry_after = conn.exec_driver_sql(BUCKET_SQL, {"key": key}).one()
     if count > limit:
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            detail=f"Rate limit exceeded: at most {limit} sign-in requests per minute from one address; "
-            f"retry in {int(retry_after)} s.",
-            headers={"Retry-After": str(int(retry_after))},
-        )
+        raise too_many_requests(f"at most {limit} sign-in requests per minute from one address", retry_after)
 
 
 def current_principal(request: Request) -> Principal:
-    state = request.app.state
+    settings = settings_of(request)
     token = bearer_token(request)
-    with transaction(state.engine) as cur:
-        return resolve(cur, token, state.settings.rate_limit_per_minute, state.settings.admin_rate_limit_per_minute)
+    with transaction(engine_of(request)) as cur:
+        return resolve(cur, token, settings.rate_limit_per_minute, settings.admin_rate_limit_per_minute)
 
 
 def require_admin(principal: Principal = Depends(current_principal)) -> Principal:
@@ -178,12 +182,68 @@ def issue_token(conn: Connection, contributor_id: int, is_admin: bool, name: str
     return token
 
 
+# Admins and local contributors are contributor rows without a GitHub account, found by their login (which
+# has a ':' no GitHub login can have); the first token for a login makes its row.
+FIND_WITHOUT_GITHUB_SQL = """
+SELECT id, banned FROM contributor WHERE login = %(l)s AND github_id IS NULL AND is_admin = %(a)s
+"""
+CREATE_WITHOUT_GITHUB_SQL = "INSERT INTO contributor (login, is_admin) VALUES (%(l)s, %(a)s) RETURNING id, banned"
+
+
+def _contributor_without_github(conn: Connection, login: str, is_admin: bool) -> tuple[int, bool]:
+    """(id, banned) of the contributor row of ``login``, made on first use."""
+    params = {"l": login, "a": is_admin}
+    row = conn.exec_driver_sql(FIND_WITHOUT_GITHUB_SQL, params).first()
+    if row is None:
+        row = conn.exec_driver_sql(CREATE_WITHOUT_GITHUB_SQL, params).one()
+    return int(row[0]), bool(row[1])
+
+
 def create_admin_token(conn: Connection, name: str) -> str:
     """An admin principal is a contributor row without a GitHub account; its token carries the admin bit."""
-    login = f"admin:{name}"
-    row = conn.exec_driver_sql("SELECT id FROM contributor WHERE login = %(l)s AND is_admin", {"l": login}).first()
-    if row is None:
-        row = conn.exec_driver_sql(
-            "INSERT INTO contributor (login, is_admin) VALUES (%(l)s, true) RETURNING id", {"l": login}
-        ).one()
-    return issue_token(conn, row[0], True, name)
+    contributor_id, _banned = _contributor_without_github(conn, f"admin:{name}", is_admin=True)
+    return issue_token(conn, contributor_id, True, name)
+
+
+# A local contributor has no GitHub account: login "local:<name>" (GitHub logins cannot contain ':', so no real
+# account can collide with one). For demos, offline labs and machines that cannot reach GitHub. Minting its
+# token needs the database itself, like an admin token: there is no HTTP endpoint for it, so a deployment's
+# sign-in stays GitHub-only.
+LOCAL_LOGIN_PREFIX = "local:"
+LOCAL_CONTRIBUTOR_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,38}$")
+
+
+def check_local_contributor_name(name: str) -> None:
+    """Raise ValueError unless ``name`` may follow ``local:`` in a login (checkable before any database work)."""
+    if not LOCAL_CONTRIBUTOR_NAME.match(name):
+        raise ValueError(
+            f"invalid local contributor name {name!r}: use 1-39 lowercase letters, digits or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def create_local_contributor_token(conn: Connection, name: str) -> tuple[int, str]:
+    """The contributor row ``local:<name>`` (made on first use, never an admin) and a new token for it.
+
+    Raises ValueError for an invalid name or a banned contributor. Called again for the same name, it adds a
+    token to the same contributor, never a second person."""
+    check_local_contributor_name(name)
+    login = LOCAL_LOGIN_PREFIX + name
+    contributor_id, banned = _contributor_without_github(conn, login, is_admin=False)
+    if banned:
+        raise ValueError(f"contributor {login} is banned")
+    return contributor_id, issue_token(conn, contributor_id, False, login)
+
+
+REVOKE_SQL = """
+UPDATE api_token SET revoked_at = now() WHERE token_hash = ANY(%(hashes)s::text[]) AND revoked_at IS NULL
+"""
+
+
+def revoke_tokens(conn: Connection, tokens: Iterable[str]) -> int:
+    """Revoke the given tokens (the tokens themselves, not their hashes); returns how many were live until now.
+    Unknown and already revoked tokens are passed over, so revoking twice is harmless."""
+    hashes = [hash_token(token) for token in tokens]
+    if not hashes:
+        return 0
+    return conn.exec_driver_sql(REVOKE_SQL, {"hashes": hashes}).rowcount

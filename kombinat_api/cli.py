@@ -94,47 +94,11 @@ def create_admin_token(
 ) -> None:
     """Print a new admin token (shown once; only its hash is stored)."""
     from kombinat_api.auth import create_admin_token as create
-    from kombinat_api.db import make_engine
+    from kombinat_api.db import standalone_transaction
 
-    engine = make_engine(_settings(database_url).database_url, 1, 0)
-    try:
-        with engine.begin() as conn:
-            token = create(conn, name)
-    finally:
-        engine.dispose()
+    with standalone_transaction(_settings(database_url).database_url) as conn:
+        token = create(conn, name)
     typer.echo(token)
-
-
-# A local contributor has no GitHub account: login "local:<name>" (GitHub logins cannot contain ':', so no real
-# account can collide with one). Minting its token needs the database itself, exactly like create-admin-token:
-# there is no HTTP endpoint for it, so a deployment's sign-in stays GitHub-only.
-LOCAL_CONTRIBUTOR_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,38}$")
-
-
-def _invalid_name(name: str) -> str:
-    return (
-        f"invalid local contributor name {name!r}: use 1-39 lowercase letters, digits or '-', "
-        "starting with a letter or digit"
-    )
-
-
-def create_local_contributor_token(conn: Any, name: str) -> tuple[int, str]:
-    """The contributor row ``local:<name>`` (made on first use, never an admin) and a new token for it."""
-    from kombinat_api.auth import issue_token
-
-    if not LOCAL_CONTRIBUTOR_NAME.match(name):
-        raise ValueError(_invalid_name(name))
-    login = f"local:{name}"
-    row = conn.exec_driver_sql(
-        "SELECT id, banned FROM contributor WHERE login = %(l)s AND github_id IS NULL AND NOT is_admin", {"l": login}
-    ).first()
-    if row is None:
-        row = conn.exec_driver_sql(
-            "INSERT INTO contributor (login, is_admin) VALUES (%(l)s, false) RETURNING id, banned", {"l": login}
-        ).one()
-    if row[1]:
-        raise ValueError(f"contributor {login} is banned")
-    return int(row[0]), issue_token(conn, row[0], False, login)
 
 
 @app.command("create-local-contributor")
@@ -150,21 +114,18 @@ def create_local_contributor(
     deployment sign in with GitHub. The labels of local contributors pass through the same honeypots,
     reputation and verification as everyone's. Running it again for the same name adds a token, not a person.
     """
-    from kombinat_api.db import make_engine
+    from kombinat_api.auth import LOCAL_LOGIN_PREFIX, check_local_contributor_name, create_local_contributor_token
+    from kombinat_api.db import standalone_transaction
 
-    if not LOCAL_CONTRIBUTOR_NAME.match(name):  # before touching the database
-        raise typer.BadParameter(_invalid_name(name), param_hint="NAME")
-    engine = make_engine(_settings(database_url).database_url, 1, 0)
     try:
-        with engine.begin() as conn:
-            try:
-                contributor_id, token = create_local_contributor_token(conn, name)
-            except ValueError as exc:
-                raise typer.BadParameter(str(exc), param_hint="NAME") from exc
-    finally:
-        engine.dispose()
+        check_local_contributor_name(name)  # before touching the database
+        with standalone_transaction(_settings(database_url).database_url) as conn:
+            contributor_id, token = create_local_contributor_token(conn, name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="NAME") from exc
     if as_json:
-        typer.echo(json.dumps({"contributor_id": contributor_id, "login": f"local:{name}", "token": token}))
+        login = LOCAL_LOGIN_PREFIX + name
+        typer.echo(json.dumps({"contributor_id": contributor_id, "login": login, "token": token}))
     else:
         typer.echo(token)
 
@@ -244,18 +205,14 @@ def load_honeypots(
 ) -> None:
     """Load gold pairs from human relevance judgments as honeypots."""
     from kombinat_api import queue
-    from kombinat_api.db import make_engine
+    from kombinat_api.db import standalone_transaction
 
     honeypots = beir_honeypots(folder, split, negatives_per_positive, seed)
     if limit:
         random.Random(seed).shuffle(honeypots)
         honeypots = honeypots[:limit]
-    engine = make_engine(_settings(database_url).database_url, 1, 0)
-    try:
-        with engine.begin() as conn:
-            inserted = queue.enqueue_honeypots(conn, honeypots)
-    finally:
-        engine.dispose()
+    with standalone_transaction(_settings(database_url).database_url) as conn:
+        inserted = queue.enqueue_honeypots(conn, honeypots)
     n_rel = sum(h["relevant"] for h in honeypots)
     typer.echo(
         f"{inserted} honeypots inserted, {len(honeypots) - inserted} already present "
@@ -266,23 +223,20 @@ def load_honeypots(
 @app.command()
 def stats(database_url: DbOption = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Print queue and label counts per split and cycle."""
-    from kombinat_api.db import make_engine
-    from kombinat_api.routes.public import SPLITS_SQL
+    from kombinat_api import queue
+    from kombinat_api.db import standalone_transaction
 
-    engine = make_engine(_settings(database_url).database_url, 1, 0)
-    try:
-        with engine.connect() as conn:
-            rows = [dict(r) for r in conn.exec_driver_sql(SPLITS_SQL).mappings()]
-            labels = conn.exec_driver_sql("SELECT count(*) FROM label").scalar_one()
-    finally:
-        engine.dispose()
+    with standalone_transaction(_settings(database_url).database_url) as conn:
+        rows = queue.split_summaries(conn)
+        labels = queue.labels_stored(conn)
     if as_json:
         typer.echo(json.dumps({"splits": rows, "labels_total": labels}, default=str))
         return
     cols = ["split", "cycle", "pairs", "queued", "leased", "labeled", "verified", "disputed", "escalated"]
     typer.echo("  ".join(f"{c:>10}" for c in cols))
-    for r in rows:
-        typer.echo("  ".join(f"{r[c]!s:>10}" for c in cols))
+    for row in rows:
+        values: dict[str, object] = dict(row)
+        typer.echo("  ".join(f"{values[c]!s:>10}" for c in cols))
     typer.echo(f"labels stored: {labels}")
 
 

@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config
 from psycopg import AsyncCursor, Cursor
 from psycopg_pool import AsyncConnectionPool
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import make_url
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -59,6 +59,21 @@ def make_engine(
         # and varied, and custom plans suit their skewed filters.
         connect_args={"prepare_threshold": prepare_threshold},
     )
+
+
+@contextmanager
+def standalone_transaction(database_url: str) -> Iterator[Connection]:
+    """A connection of an engine of its own (one connection, no overflow), in a transaction committed on success
+    and rolled back on error; the engine is disposed on the way out.
+
+    For commands and scripts that run a few statements against a database URL and end (the ``kombinat`` CLI,
+    the demo): no pool outlives them, so nothing keeps a connection to the server open afterwards."""
+    engine = make_engine(database_url, 1, 0)
+    try:
+        with engine.begin() as conn:
+            yield conn
+    finally:
+        engine.dispose()
 
 
 def hot_connection_kwargs(generic_plans: bool) -> dict[str, Any]:

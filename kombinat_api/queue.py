@@ -1,4 +1,4 @@
-"""The SQL that matters: enqueue, claim, submit, release, verification and quarantine.
+"""The SQL that matters: enqueue, claim, submit, release, verification and quarantine, and the queue's counts.
 
 Every request-path operation is one statement (one round trip) built from data-modifying CTEs, run in a
 short transaction on a pooled connection. Parameters use psycopg's ``%(name)s`` style through
@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from psycopg import AsyncCursor
 from sqlalchemy import Connection
@@ -98,12 +98,30 @@ def enqueue_honeypots(conn: Connection, honeypots: Sequence[dict[str, Any]]) -> 
 # --------------------------------------------------------------------------------------------------------
 # Claim
 
+
+def _unseen_honeypots(side: str) -> str:
+    """CLAIM_SQL's scan of the honeypots the contributor has never been shown, in key order, on one ``side``
+    ('>=' or '<') of hp_start's random point: the claim reads from the point up, then from the bottom up to it.
+    Both halves come from here so they cannot drift apart; the statement sent is the same literal text."""
+    return f"""
+        (SELECT h.pair_id FROM honeypot h
+         WHERE h.pair_id {side} (SELECT u FROM hp_start) AND (SELECT tier FROM m) IS NOT NULL
+           -- OFFSET 0 keeps both checks per-honeypot probes of (pair_id, contributor_id) keys: as anti joins
+           -- the planner walked the whole label index or scanned all of batch_honeypot, costs that grew with
+           -- every label and every batch stored.
+           AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
+                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s OFFSET 0)
+           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = %(cid)s
+                           OFFSET 0)
+         ORDER BY h.pair_id LIMIT %(n)s)"""
+
+
 # Honeypots are drawn at random among those the contributor has never been shown (a share of the batch).
 # Ordinary pairs fill the rest from two places, tried in order: pairs whose lease expired (their batch's
 # real expiry, which chunk submissions extend, has passed too), then queued pairs by tier and priority.
 # Both lock with SKIP LOCKED so concurrent claimers never wait on each other and never get the same row.
 # The answer is sorted by pair_id, so the honeypots' position says nothing.
-CLAIM_SQL = compact_sql("""
+CLAIM_SQL = compact_sql(f"""
 WITH async_commit AS (
     -- A claim lost in a database crash costs nothing: its pairs are simply still claimable and a label
     -- sent for the lost batch is refused, so this commit need not wait for the WAL flush.
@@ -117,27 +135,9 @@ WITH async_commit AS (
     -- Honeypots from a random point of the (random) ID space onwards, wrapping around: an index range
     -- scan instead of sorting every honeypot by random() on each claim.
     SELECT pair_id FROM (
-        (SELECT h.pair_id FROM honeypot h
-         WHERE h.pair_id >= (SELECT u FROM hp_start) AND (SELECT tier FROM m) IS NOT NULL
-           -- OFFSET 0 keeps both checks per-honeypot probes of (pair_id, contributor_id) keys: as anti joins
-           -- the planner walked the whole label index or scanned all of batch_honeypot, costs that grew with
-           -- every label and every batch stored.
-           AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
-                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s OFFSET 0)
-           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = %(cid)s
-                           OFFSET 0)
-         ORDER BY h.pair_id LIMIT %(n)s)
+        {_unseen_honeypots(">=")}
         UNION ALL
-        (SELECT h.pair_id FROM honeypot h
-         WHERE h.pair_id < (SELECT u FROM hp_start) AND (SELECT tier FROM m) IS NOT NULL
-           -- OFFSET 0 keeps both checks per-honeypot probes of (pair_id, contributor_id) keys: as anti joins
-           -- the planner walked the whole label index or scanned all of batch_honeypot, costs that grew with
-           -- every label and every batch stored.
-           AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
-                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s OFFSET 0)
-           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = %(cid)s
-                           OFFSET 0)
-         ORDER BY h.pair_id LIMIT %(n)s)
+        {_unseen_honeypots("<")}
     ) wrapped
     -- randomized rounding keeps the expected share exact for any batch size; one slot stays ordinary
     LIMIT least(floor(%(hp_expected)s + random())::int, %(n)s - 1)
@@ -584,3 +584,102 @@ def check_batch_honeypots(conn: Connection, batch_id: uuid.UUID, min_accuracy: f
         verdict.newly_quarantined = bool(q[0])
         verdict.touched_pairs = list(q[1] or [])
     return verdict
+
+
+# --------------------------------------------------------------------------------------------------------
+# Counts (honeypots left out of every pair count; ``pair`` has no index for them, so each is one table scan)
+
+# What a pair counts as, per split × cycle: SPLITS_SQL and SPLIT_COUNTS_SQL share these columns so a number
+# means the same in the public statistics, ``kombinat stats`` and the demo. An escalated pair's counters
+# start again at its new tier, so "labeled" looks at its status too.
+PAIR_COUNT_COLUMNS = """
+       count(*) AS pairs,
+       count(*) FILTER (WHERE state = 'queued') AS queued,
+       count(*) FILTER (WHERE state = 'leased') AS leased,
+       count(*) FILTER (WHERE n_labels > 0 OR status <> 'new') AS labeled,
+       count(*) FILTER (WHERE status = 'verified') AS verified,
+       count(*) FILTER (WHERE status = 'disputed') AS disputed,
+       count(*) FILTER (WHERE status = 'escalated') AS escalated,
+       count(*) FILTER (WHERE status = 'unresolved') AS unresolved"""
+
+
+class PairCounts(TypedDict):
+    """The ordinary pairs of a split × cycle (PAIR_COUNT_COLUMNS)."""
+
+    pairs: int
+    queued: int
+    leased: int
+    labeled: int
+    verified: int
+    disputed: int
+    escalated: int
+    unresolved: int
+
+
+class SplitSummary(PairCounts):
+    """One row of SPLITS_SQL."""
+
+    split: str
+    cycle: str
+    compared: int  # pairs with at least 2 counted labels
+    agreement_sum: float  # over the compared pairs: the majority's share of each one's counted labels
+
+
+# Agreement of a pair = the majority's share of its counted labels; it means something once ≥ 2 labels
+# were compared, so the mean is taken over those pairs only (sum and count travel, the mean is derived).
+SPLITS_SQL = f"""
+SELECT split, cycle,{PAIR_COUNT_COLUMNS},
+       count(*) FILTER (WHERE n_labels >= 2) AS compared,
+       coalesce(sum(greatest(n_relevant, n_labels - n_relevant)::float8 / n_labels)
+                FILTER (WHERE n_labels >= 2), 0) AS agreement_sum
+FROM pair WHERE NOT is_honeypot
+GROUP BY split, cycle ORDER BY split, cycle
+"""
+
+
+def split_summaries(conn: Connection) -> list[SplitSummary]:
+    """Every split × cycle that has pairs, in order, with its counts (the public statistics' main query)."""
+    return [cast(SplitSummary, dict(row)) for row in conn.exec_driver_sql(SPLITS_SQL).mappings()]
+
+
+class SplitCounts(PairCounts):
+    """One split × cycle's pairs and labels, and the honeypots of all splits (SPLIT_COUNTS_SQL)."""
+
+    labels: int  # labels of the split × cycle's ordinary pairs
+    honeypots: int
+    honeypot_labels: int  # answers to honeypots
+
+
+SPLIT_COUNTS_SQL = f"""
+WITH p AS (
+    SELECT{PAIR_COUNT_COLUMNS}
+    FROM pair WHERE NOT is_honeypot AND split = %(split)s AND cycle = %(cycle)s
+)
+SELECT p.*,
+       (SELECT count(*) FROM label l JOIN pair lp ON lp.pair_id = l.pair_id
+            WHERE NOT l.is_honeypot AND lp.split = %(split)s AND lp.cycle = %(cycle)s) AS labels,
+       (SELECT count(*) FROM honeypot) AS honeypots,
+       (SELECT count(*) FROM label WHERE is_honeypot) AS honeypot_labels
+FROM p
+"""
+
+
+def split_counts(conn: Connection, split: str, cycle: str) -> SplitCounts:
+    """What is stored for one split × cycle (all zeros for one that has no pairs yet)."""
+    row = conn.exec_driver_sql(SPLIT_COUNTS_SQL, {"split": split, "cycle": cycle}).mappings().one()
+    return cast(SplitCounts, {key: int(value) for key, value in row.items()})
+
+
+LABELS_PER_CONTRIBUTOR_SQL = """
+SELECT c.login, count(*) FROM label l JOIN contributor c ON c.id = l.contributor_id GROUP BY c.login
+"""
+
+
+def labels_per_contributor(conn: Connection) -> dict[str, int]:
+    """Labels stored per contributor login, honeypot answers and quarantined labels included."""
+    return {login: int(n) for login, n in conn.exec_driver_sql(LABELS_PER_CONTRIBUTOR_SQL).all()}
+
+
+def labels_stored(conn: Connection) -> int:
+    """Every label stored, honeypot answers and quarantined labels included."""
+    return int(conn.exec_driver_sql("SELECT count(*) FROM label").scalar_one())

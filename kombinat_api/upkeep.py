@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import psycopg
 
@@ -35,7 +36,12 @@ VACUUM_SQL = f"VACUUM (SKIP_LOCKED, ANALYZE, PARALLEL 0) {', '.join(HOT_TABLES)}
 UPKEEP_SESSION = "-c vacuum_cost_delay=2ms -c vacuum_cost_limit=100"
 
 
-def vacuum_once(conn: psycopg.Connection) -> float:
+def connect(dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
+    """The upkeep's own autocommit connection (VACUUM cannot run inside a transaction), paced by UPKEEP_SESSION."""
+    return psycopg.connect(dsn, autocommit=True, options=UPKEEP_SESSION)
+
+
+def vacuum_once(conn: psycopg.Connection[tuple[Any, ...]]) -> float:
     """One pass over the hot tables on an autocommit connection; returns its seconds."""
     started = time.perf_counter()
     conn.execute(VACUUM_SQL)
@@ -46,13 +52,13 @@ async def run_upkeep(database_url: str, interval_s: float) -> None:
     """Vacuum every ``interval_s`` until cancelled. A failure is logged and retried at the next interval with
     a fresh connection: upkeep must never take the server down."""
     dsn = libpq_url(database_url)
-    conn: psycopg.Connection | None = None
+    conn: psycopg.Connection[tuple[Any, ...]] | None = None
     try:
         while True:
             await asyncio.sleep(interval_s)
             try:
                 if conn is None or conn.closed:
-                    conn = await asyncio.to_thread(psycopg.connect, dsn, autocommit=True, options=UPKEEP_SESSION)
+                    conn = await asyncio.to_thread(connect, dsn)
                 seconds = await asyncio.to_thread(vacuum_once, conn)
                 log.debug("vacuumed %s in %.3f s", ", ".join(HOT_TABLES), seconds)
             except psycopg.Error as exc:

@@ -173,20 +173,20 @@ def child_process(
 ) -> subprocess.Popen:
     """A child that dies with us (Linux) and, with new_group, is out of the terminal's Ctrl-C: the caller
     decides when it stops, so kombinat can still take the annotators' last labels while they wind down."""
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
+    log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - the child owns it
     try:
         return subprocess.Popen(
             cmd,
             env=dict(env),
-            stdout=out,
+            stdout=log if log is not None else subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
             preexec_fn=_die_with_parent,  # PR_SET_PDEATHSIG; runs before exec
             start_new_session=new_group,
         )
     finally:
-        if log_path:
-            out.close()
+        if log is not None:
+            log.close()
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -246,46 +246,30 @@ def migrate_kombinat(database_url: str) -> None:
     migrate(database_url)
 
 
-def _with_connection(database_url: str):
-    from kombinat_api.db import make_engine
-
-    @contextmanager
-    def connection() -> Iterator:
-        engine = make_engine(database_url, 1, 0)
-        try:
-            with engine.begin() as conn:
-                yield conn
-        finally:
-            engine.dispose()
-
-    return connection()
-
-
 def admin_token(database_url: str, name: str) -> str:
     """A new admin token (what `kombinat create-admin-token` prints)."""
     from kombinat_api.auth import create_admin_token
+    from kombinat_api.db import standalone_transaction
 
-    with _with_connection(database_url) as conn:
+    with standalone_transaction(database_url) as conn:
         return create_admin_token(conn, name)
 
 
-def revoke_tokens(database_url: str, tokens: list[str]) -> None:
-    """Tokens minted for one run stop working when it ends."""
-    from kombinat_api.auth import hash_token
+def revoke_tokens(database_url: str, tokens: list[str]) -> int:
+    """Tokens minted for one run stop working when it ends; returns how many were still live."""
+    from kombinat_api.auth import revoke_tokens as revoke
+    from kombinat_api.db import standalone_transaction
 
-    with _with_connection(database_url) as conn:
-        for token in tokens:
-            conn.exec_driver_sql(
-                "UPDATE api_token SET revoked_at = now() WHERE token_hash = %(h)s AND revoked_at IS NULL",
-                {"h": hash_token(token)},
-            )
+    with standalone_transaction(database_url) as conn:
+        return revoke(conn, tokens)
 
 
 def local_contributor_token(database_url: str, name: str) -> tuple[int, str]:
     """What `kombinat create-local-contributor NAME` prints: a contributor `local:NAME` without GitHub."""
-    from kombinat_api.cli import create_local_contributor_token
+    from kombinat_api.auth import create_local_contributor_token
+    from kombinat_api.db import standalone_transaction
 
-    with _with_connection(database_url) as conn:
+    with standalone_transaction(database_url) as conn:
         return create_local_contributor_token(conn, name)
 
 
@@ -356,33 +340,13 @@ def local_services(
         yield services
 
 
-COUNTS_SQL = """
-SELECT
-    (SELECT count(*) FROM pair WHERE NOT is_honeypot AND split = %(split)s AND cycle = %(cycle)s) AS pairs,
-    (SELECT count(*) FROM pair WHERE NOT is_honeypot AND split = %(split)s AND cycle = %(cycle)s
-        AND state = 'queued') AS queued,
-    (SELECT count(*) FROM pair WHERE NOT is_honeypot AND split = %(split)s AND cycle = %(cycle)s
-        AND state = 'leased') AS leased,
-    (SELECT count(*) FROM pair WHERE NOT is_honeypot AND split = %(split)s AND cycle = %(cycle)s
-        AND n_labels > 0) AS labeled,
-    (SELECT count(*) FROM pair WHERE NOT is_honeypot AND split = %(split)s AND cycle = %(cycle)s
-        AND status = 'verified') AS verified,
-    (SELECT count(*) FROM pair WHERE NOT is_honeypot AND split = %(split)s AND cycle = %(cycle)s
-        AND status = 'disputed') AS disputed,
-    (SELECT count(*) FROM label l JOIN pair p USING (pair_id)
-        WHERE NOT l.is_honeypot AND p.split = %(split)s AND p.cycle = %(cycle)s) AS labels,
-    (SELECT count(*) FROM honeypot) AS honeypots,
-    (SELECT count(*) FROM label WHERE is_honeypot) AS honeypot_labels
-"""
-
-PER_CONTRIBUTOR_SQL = """
-SELECT c.login, count(*) AS labels FROM label l JOIN contributor c ON c.id = l.contributor_id GROUP BY c.login
-"""
-
-
 def kombinat_counts(database_url: str, split: str, cycle: str) -> dict[str, Any]:
-    """Row counts straight from kombinat's tables (what is stored, not what an API reports)."""
-    with _with_connection(database_url) as conn:
-        row = dict(conn.exec_driver_sql(COUNTS_SQL, {"split": split, "cycle": cycle}).mappings().one())
-        row["per_contributor"] = {r[0]: int(r[1]) for r in conn.exec_driver_sql(PER_CONTRIBUTOR_SQL).all()}
-    return {k: (int(v) if isinstance(v, int) else v) for k, v in row.items()}
+    """Row counts straight from kombinat's database (what is stored, not what an API reports): the split × cycle's
+    pairs and labels, the honeypots, and `per_contributor`, labels per contributor login."""
+    from kombinat_api import queue
+    from kombinat_api.db import standalone_transaction
+
+    with standalone_transaction(database_url) as conn:
+        counts = queue.split_counts(conn, split, cycle)
+        per_contributor = queue.labels_per_contributor(conn)
+    return {**counts, "per_contributor": per_contributor}

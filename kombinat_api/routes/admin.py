@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from pydantic import BaseModel
+from sqlalchemy import Connection
 
 from kombinat_api import queue
 from kombinat_api.auth import Principal, require_admin
@@ -15,24 +18,30 @@ from kombinat_api.schemas import EnqueueRequest, HoneypotRequest, InsertResponse
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
+def _insert_new(
+    request: Request,
+    field: str,
+    rows: Sequence[BaseModel],
+    insert: Callable[[Connection, list[dict[str, Any]]], int],
+) -> InsertResponse:
+    """Insert the body's ``field`` (at most the server's enqueue limit) with ``insert``, which skips rows that
+    are already there and returns how many were new."""
+    maximum = settings_of(request).max_enqueue_pairs
+    if len(rows) > maximum:
+        raise limit_error(("body", field), len(rows), maximum, f"number of {field}")
+    with engine_of(request).begin() as conn:
+        inserted = insert(conn, [row.model_dump() for row in rows])
+    return InsertResponse(inserted=inserted, already_present=len(rows) - inserted)
+
+
 @router.post("/pairs", response_model=InsertResponse)
 def enqueue(body: EnqueueRequest, request: Request) -> InsertResponse:
-    settings = settings_of(request)
-    if len(body.pairs) > settings.max_enqueue_pairs:
-        raise limit_error(("body", "pairs"), len(body.pairs), settings.max_enqueue_pairs, "number of pairs")
-    with engine_of(request).begin() as conn:
-        inserted = queue.enqueue_pairs(conn, [p.model_dump() for p in body.pairs])
-    return InsertResponse(inserted=inserted, already_present=len(body.pairs) - inserted)
+    return _insert_new(request, "pairs", body.pairs, queue.enqueue_pairs)
 
 
 @router.post("/honeypots", response_model=InsertResponse)
 def load_honeypots(body: HoneypotRequest, request: Request) -> InsertResponse:
-    settings = settings_of(request)
-    if len(body.honeypots) > settings.max_enqueue_pairs:
-        raise limit_error(("body", "honeypots"), len(body.honeypots), settings.max_enqueue_pairs, "number of honeypots")
-    with engine_of(request).begin() as conn:
-        inserted = queue.enqueue_honeypots(conn, [h.model_dump() for h in body.honeypots])
-    return InsertResponse(inserted=inserted, already_present=len(body.honeypots) - inserted)
+    return _insert_new(request, "honeypots", body.honeypots, queue.enqueue_honeypots)
 
 
 def _page_size(request: Request, limit: int | None) -> int:

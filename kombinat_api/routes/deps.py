@@ -11,18 +11,25 @@ from sqlalchemy import Engine
 
 from kombinat_api.settings import Settings
 
+# Starlette's app.state is an untyped attribute bag; main.create_app fills it, and these accessors are the one
+# place that says what each attribute holds.
+
 
 def settings_of(request: Request) -> Settings:
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def engine_of(request: Request) -> Engine:
-    return request.app.state.engine
+    """The general pool: everything but the hot path."""
+    engine: Engine = request.app.state.engine
+    return engine
 
 
 def hot_pool_of(request: Request) -> AsyncConnectionPool:
     """The asyncio pool of the claim/submit/release hot path (prepared statements with generic plans)."""
-    return request.app.state.hot_pool
+    pool: AsyncConnectionPool = request.app.state.hot_pool
+    return pool
 
 
 def limit_error(loc: tuple[str, ...], value: Any, maximum: int, what: str) -> RequestValidationError:

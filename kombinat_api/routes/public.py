@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import HTMLResponse
 
+from kombinat_api import queue
 from kombinat_api.routes.deps import engine_of, settings_of
 
 router = APIRouter(tags=["public"])
@@ -33,25 +34,6 @@ POLL_MS = 5000
 MAX_SERIES_HOURS = 168
 MAX_SERIES_BUCKETS = 360
 MIN_BUCKET_SECONDS = 10
-
-# Agreement of a pair = the majority's share of its counted labels; it means something once ≥ 2 labels
-# were compared, so the mean is taken over those pairs only (sum and count travel, the mean is derived).
-SPLITS_SQL = """
-SELECT split, cycle,
-       count(*) AS pairs,
-       count(*) FILTER (WHERE state = 'queued') AS queued,
-       count(*) FILTER (WHERE state = 'leased') AS leased,
-       count(*) FILTER (WHERE n_labels > 0 OR status <> 'new') AS labeled,
-       count(*) FILTER (WHERE status = 'verified') AS verified,
-       count(*) FILTER (WHERE status = 'disputed') AS disputed,
-       count(*) FILTER (WHERE status = 'escalated') AS escalated,
-       count(*) FILTER (WHERE status = 'unresolved') AS unresolved,
-       count(*) FILTER (WHERE n_labels >= 2) AS compared,
-       coalesce(sum(greatest(n_relevant, n_labels - n_relevant)::float8 / n_labels)
-                FILTER (WHERE n_labels >= 2), 0) AS agreement_sum
-FROM pair WHERE NOT is_honeypot
-GROUP BY split, cycle ORDER BY split, cycle
-"""
 
 ACTIVITY_SQL = """
 SELECT (SELECT count(*) FROM label
@@ -107,7 +89,7 @@ def _agreement(verified: int, disputed: int, compared: int, agreement_sum: float
 def collect_stats(request: Request) -> dict[str, Any]:
     hours = settings_of(request).stats_window_hours
     with engine_of(request).connect() as conn:
-        rows = [dict(r) for r in conn.exec_driver_sql(SPLITS_SQL).mappings()]
+        rows = queue.split_summaries(conn)
         activity = conn.exec_driver_sql(ACTIVITY_SQL, {"h": hours}).mappings().one()
         leaderboard = [dict(r) for r in conn.exec_driver_sql(LEADERBOARD_SQL).mappings()]
     agreement_sum = sum(float(r["agreement_sum"]) for r in rows)

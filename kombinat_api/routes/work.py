@@ -128,6 +128,7 @@ async def submit_labels(
             )
         if result.outcome != "foreign":
             break
+    assert principal is not None  # the first attempt resolved the caller, or raised
     if result.outcome == "not_found":
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"Batch {batch_id} does not exist.")
     if result.outcome == "forbidden":

@@ -1,5 +1,25 @@
 """Initial kombinat schema: contributors, tokens, model registry, pairs, batches, labels, honeypots.
 
+The migrations are the only definition of kombinat's tables (no ORM classes mirror them); the statements that
+use them are hand-written SQL in queue.py, auth.py, trust.py and the route modules.
+
+Layout decisions that matter for throughput:
+- ``pair`` is narrow (no text) because claim and submit rewrite its rows constantly; the immutable
+  query/document text lives in ``pair_content`` and is only read when a batch is handed out.
+- A pair has at most one live lease (``lease_batch_id``); redundancy comes from re-queueing it after each
+  label until verification settles it, so no pair is ever held by more leases than it still needs labels.
+- The lease expiry that counts is ``batch.expires_at`` (one row to extend per chunk); ``pair.lease_expires_at``
+  is the initial expiry, a lower bound the claim uses to find candidates cheaply through an index.
+
+What some columns mean:
+- ``pair.state`` is the queue's mechanics (queued | leased | done | honeypot), ``pair.status`` the
+  verification (new | labeled | verified | disputed | escalated | unresolved).
+- ``rate_bucket`` holds fixed-window counters for callers without a token (sign-in), keyed by e.g.
+  ``ip:1.2.3.4``; ``model`` is the registry of backend/model/quantization combinations and whether they
+  passed qualification.
+- ``label.xact`` is the inserting transaction's 64-bit id: the export pages on (xact, label_id) and only hands
+  out rows older than every in-flight transaction, so a cursor never skips a label that commits late.
+
 Revision ID: 0001_initial
 Revises:
 Create Date: 2026-11-22

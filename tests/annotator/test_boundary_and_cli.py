@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 import annotator
@@ -18,6 +19,7 @@ FORBIDDEN = ("dagster", "torch", "fastapi", "sqlalchemy", "kombinat_api", "embed
 PACKAGE_DIR = Path(annotator.__file__).parent
 
 
+@pytest.mark.subprocess
 def test_no_annotator_module_imports_the_server_or_pipeline_stack() -> None:
     modules = sorted(m.name for m in pkgutil.walk_packages(annotator.__path__, "annotator."))
     assert "annotator.backends.vllm" in modules and "annotator.cli" in modules

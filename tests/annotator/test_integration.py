@@ -112,6 +112,7 @@ def run_args(server: KombinatServer, model: Path, *extra: str) -> list[str]:
     return ["run", "--server", server.url, "--model-path", str(model), "--json", *extra]
 
 
+@pytest.mark.subprocess
 def test_run_once_labels_a_batch_and_the_labels_land_in_kombinat(
     kombinat: KombinatServer, github: FakeGitHub, tiny_model_path: Path
 ) -> None:
@@ -144,6 +145,7 @@ def test_run_once_labels_a_batch_and_the_labels_land_in_kombinat(
     assert peek(journal_path(auth.data_dir(), kombinat.url, creds.contributor_id))["open_batches"] == 0
 
 
+@pytest.mark.subprocess
 def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(
     kombinat: KombinatServer, github: FakeGitHub, tiny_model_path: Path
 ) -> None:
@@ -187,6 +189,7 @@ def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(
     assert peek(jpath)["open_batches"] == 0
 
 
+@pytest.mark.subprocess
 def test_kombinat_down_for_a_while_is_retried_then_completes(
     kombinat: KombinatServer, github: FakeGitHub, tiny_model_path: Path
 ) -> None:
@@ -224,6 +227,7 @@ def test_kombinat_down_for_a_while_is_retried_then_completes(
     assert sorted(label["pair_id"] for label in labels) == sorted(pair_ids)
 
 
+@pytest.mark.subprocess
 def test_login_through_fake_github_whoami_and_logout(kombinat: KombinatServer, github: FakeGitHub) -> None:
     proc = annotator("login", "--server", kombinat.url, "--json")
     assert proc.stdout is not None
@@ -259,6 +263,7 @@ def test_login_through_fake_github_whoami_and_logout(kombinat: KombinatServer, g
     assert httpx.get(f"{kombinat.url}/api/v1/me", headers=bearer(creds.token)).status_code == 401
 
 
+@pytest.mark.subprocess
 def test_doctor_reports_this_machine_and_the_choice(kombinat: KombinatServer) -> None:
     cpu_3b = {
         **TINY_ENTRY,
@@ -311,6 +316,7 @@ def test_doctor_reports_this_machine_and_the_choice(kombinat: KombinatServer) ->
     assert "embedkomb[gpu]" in human or hw["backends_installed"]["vllm"]  # install hints survive rich markup
 
 
+@pytest.mark.subprocess
 def test_doctor_without_a_server_still_reports_the_hardware(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "annotator", "doctor", "--server", "http://127.0.0.1:9", "--json"],
@@ -324,6 +330,7 @@ def test_doctor_without_a_server_still_reports_the_hardware(tmp_path: Path) -> N
     assert report["hardware"]["cpu_count"] >= 1
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_finishes_the_pair_flushes_and_releases_the_rest(
     kombinat: KombinatServer, github: FakeGitHub, tiny_model_path: Path
 ) -> None:

@@ -54,6 +54,7 @@ def test_journal_tracks_each_pair_through_its_states(tmp_path: Path) -> None:
     j.close()
 
 
+@pytest.mark.subprocess
 def test_journal_survives_sigkill(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     code = f"""

@@ -80,6 +80,7 @@ def _registry(url: str) -> dict[str, dict]:
     return {e["name"]: e for e in response.json()["models"]}
 
 
+@pytest.mark.subprocess
 def test_qualification_admits_by_kappa_and_kombinat_serves_the_decision(
     shared_data: Path, tiny_model_path: Path, tmp_path: Path
 ) -> None:

@@ -115,6 +115,7 @@ def test_32_concurrent_claimers_get_disjoint_leases_and_nothing_is_over_assigned
     assert verified == len(got2)
 
 
+@pytest.mark.subprocess
 def test_two_server_processes_on_one_database_stay_consistent() -> None:
     """Two kombinat processes share nothing but PostgreSQL: sign-in, tokens, leases, rate limits and
     verification stay consistent when every other request goes to the other process."""

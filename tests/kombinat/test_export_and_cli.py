@@ -141,6 +141,7 @@ def test_cli_migrate_admin_token_honeypots_stats() -> None:
         assert stats.exit_code == 0 and "labels stored: 0" in stats.output
 
 
+@pytest.mark.subprocess
 def test_served_by_uvicorn_with_cli_token(tmp_path: Path) -> None:
     """`kombinat serve` wiring: the ASGI entry point reads its settings from the environment."""
     from tests.support.kombinat_server import running_kombinat

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 from typer.testing import CliRunner
 
 from kombinat_api.cli import app as cli
 from tests.support.kombinat_server import admit_model, bearer, model_info, running_kombinat
 
 
+@pytest.mark.subprocess
 def test_local_contributor_token_is_a_contributor_not_an_admin() -> None:
     runner = CliRunner()
     with running_kombinat() as server:

@@ -230,6 +230,8 @@ def split_row(page: Any, split: str) -> Any:
     return page.locator("#splits li.split").filter(has=page.locator(".split-name", has_text=split)).first
 
 
+@pytest.mark.subprocess
+@pytest.mark.browser
 def test_progress_page_in_chromium_updates_without_reload(browser: Any, tmp_path: Path, record_property: Any) -> None:
     from playwright.sync_api import expect
 

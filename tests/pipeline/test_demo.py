@@ -56,6 +56,7 @@ def _run(config: DemoConfig, source: LocalSourceData) -> tuple[demo.DemoSummary,
     return summary, out.getvalue()
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_demo_runs_a_whole_cycle_on_embedded_postgres_and_resumes_without_duplicates(
     shared_data: Path, tmp_path: Path, pgdata: Path, monkeypatch: pytest.MonkeyPatch
@@ -123,6 +124,7 @@ def test_demo_runs_a_whole_cycle_on_embedded_postgres_and_resumes_without_duplic
     assert _left_running(pgdata) == []
 
 
+@pytest.mark.subprocess
 def test_the_demo_keeps_library_chatter_off_its_board() -> None:
     probe = (
         "import warnings, datasets\n"

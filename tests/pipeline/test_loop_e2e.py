@@ -159,6 +159,7 @@ def _meta(result: dg.ExecuteInJobResult, node: str) -> dict[str, Any]:
     return {k: v.value for k, v in result.asset_materializations_for_node(node)[0].metadata.items()}
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_the_loop_end_to_end(
     postgres_instance: dg.DagsterInstance, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -47,6 +47,7 @@ def _shard_and_source(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "shard.parquet", tmp_path / "source.parquet"
 
 
+@pytest.mark.subprocess
 def test_hardest_first_within_the_budget_and_never_twice(tmp_path: Path) -> None:
     shard, source = _shard_and_source(tmp_path)
     state = tmp_path / "state.json"
@@ -69,6 +70,7 @@ def test_hardest_first_within_the_budget_and_never_twice(tmp_path: Path) -> None
         assert client.queue_counts(split="toy", cycle="c000")["queued"] == 12
 
 
+@pytest.mark.subprocess
 def test_client_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(KombinatError, match="KOMBINAT_ADMIN_TOKEN"):
         KombinatAdminClient("http://127.0.0.1:9", "")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.support.kombinat_server import free_port
@@ -18,6 +19,7 @@ from tests.support.postgres import create_database, drop_database
 QUERY = "{ assetNodes { assetKey { path } groupName hasAssetChecks } }"
 
 
+@pytest.mark.subprocess
 def test_webserver_shows_every_asset_of_the_cycle(tmp_path: Path) -> None:
     name = create_database("dagster_ui_test")
     home = tmp_path / "home"

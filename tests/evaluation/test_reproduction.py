@@ -24,6 +24,7 @@ MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~6 min here: the full SciFact and NFCorpus corpora, fp32
 def test_base_model_reproduces_the_published_mteb_scores(shared_data: Path, tmp_path: Path) -> None:
     torch.set_num_threads(2)
     tasks = resolve_tasks(["scifact", "nfcorpus"], shared_data, source="local")

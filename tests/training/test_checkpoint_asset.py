@@ -28,6 +28,7 @@ def test_definitions_include_the_checkpoint_asset_per_cycle() -> None:
     assert dg.AssetKey("verified_pairs") in assets_def.dependency_keys
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("hub_reachable")
 def test_checkpoint_materializes_and_the_next_cycle_mines_with_it(
     shared_data: Path, tmp_path_factory: pytest.TempPathFactory

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from kombinat_api import __version__
+from kombinat_api import __version__, queue
 from kombinat_api.db import make_engine, make_hot_pool
 from kombinat_api.limits import BodySizeLimit
 from kombinat_api.routes import admin, auth, models, public, work
@@ -25,7 +25,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Each worker process owns two pools (the hot path's and the general one); nothing else lives in process
-        # memory that another replica would need (leases, rate limits, tokens are all rows in PostgreSQL).
+        # memory that another replica would need (leases, rate limits, tokens are all rows in PostgreSQL; the
+        # cache of batch models holds copies of rows that never change).
         engine = make_engine(
             settings.database_url,
             settings.db_general_pool_size,
@@ -70,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # Immutable per batch, so safe to keep per process: a replica that has not seen a batch reads it once.
+    app.state.batch_models = queue.BatchModelCache()
     app.add_middleware(BodySizeLimit, default_limit=settings.max_body_bytes, admin_limit=settings.max_admin_body_bytes)
     for module in (auth, models, work, admin, public):
         app.include_router(module.router)

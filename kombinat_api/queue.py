@@ -7,6 +7,7 @@ short transaction on a pooled connection. Parameters use psycopg's ``%(name)s`` 
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections.abc import Sequence
@@ -17,7 +18,9 @@ from typing import Any, TypedDict, cast
 from psycopg import AsyncCursor
 from sqlalchemy import Connection
 
+from kombinat_api.calibration import CALIBRATION, IsotonicCalibration, PlattCalibration, verdict
 from kombinat_api.db import compact_sql
+from kombinat_api.schemas import DEFAULT_PROMPT_VERSION
 
 # --------------------------------------------------------------------------------------------------------
 # Enqueue
@@ -127,7 +130,11 @@ WITH async_commit AS (
     -- sent for the lost batch is refused, so this commit need not wait for the WAL flush.
     SELECT set_config('synchronous_commit', 'off', true) AS s
 ), m AS (
-    SELECT max(tier) AS tier FROM model
+    -- the admitted model (at most one: the registry is unique on these three); its tier is NULL, so nothing is
+    -- leased, when the registry wants another prompt wording than the claim's
+    SELECT CASE WHEN prompt_version = %(prompt_version)s THEN tier END AS tier, prompt_version AS pv,
+           calibration AS cal
+    FROM model
     WHERE backend = %(backend)s AND model_id = %(model_id)s AND quantization = %(quantization)s AND admitted
 ), hp_start AS (
     SELECT gen_random_uuid() AS u
@@ -175,11 +182,13 @@ WITH async_commit AS (
     ON CONFLICT (pair_id, contributor_id) DO NOTHING
     RETURNING pair_id
 ), nb AS (
+    -- the batch keeps the registry's prompt version and calibration of this moment: its labels are judged
+    -- with them whatever the registry says later (routes/work.py)
     INSERT INTO batch (batch_id, contributor_id, backend, model_id, quantization, annotator_version, tier,
-                       size, n_honeypots, expires_at)
+                       size, n_honeypots, expires_at, prompt_version, calibration)
     SELECT %(bid)s, %(cid)s, %(backend)s, %(model_id)s, %(quantization)s, %(annotator_version)s,
            (SELECT tier FROM m), (SELECT count(*) FROM picked), (SELECT count(*) FROM hpi),
-           now() + make_interval(secs => %(lease)s)
+           now() + make_interval(secs => %(lease)s), %(prompt_version)s, (SELECT cal FROM m)
     WHERE EXISTS (SELECT 1 FROM picked)
     RETURNING expires_at
 ), leased AS (
@@ -190,8 +199,8 @@ WITH async_commit AS (
     WHERE p.ctid = ANY(ARRAY(SELECT tid FROM picked))
     RETURNING p.pair_id
 )
-SELECT h.tier, h.expires_at, c.pair_id, c.query, c.document
-FROM (SELECT (SELECT tier FROM m) AS tier,
+SELECT h.tier, h.expires_at, c.pair_id, c.query, c.document, h.pv
+FROM (SELECT (SELECT tier FROM m) AS tier, (SELECT pv FROM m) AS pv,
              coalesce((SELECT expires_at FROM nb), now() + make_interval(secs => %(lease)s)) AS expires_at,
              (SELECT s FROM async_commit) AS s) h
 LEFT JOIN pair_content c
@@ -206,6 +215,9 @@ class ClaimResult:
     batch_id: uuid.UUID
     expires_at: datetime
     pairs: list[dict[str, Any]] = field(default_factory=list)
+    # the prompt version the registry wants for an admitted model (None: the model is not admitted); a claim
+    # made with another one is refused (admitted is False) and leases nothing
+    registry_prompt_version: str | None = None
 
 
 async def claim(
@@ -226,6 +238,7 @@ async def claim(
             "model_id": model["model_id"],
             "quantization": model["quantization"],
             "annotator_version": model.get("annotator_version", ""),
+            "prompt_version": model.get("prompt_version", DEFAULT_PROMPT_VERSION),
             "cid": contributor_id,
             "n": size,
             "hp_expected": size * fraction,
@@ -234,11 +247,11 @@ async def claim(
         },
     )
     rows = await cur.fetchall()
-    tier = rows[0][0]
+    tier, expires_at, registry_prompt_version = rows[0][0], rows[0][1], rows[0][5]
     if tier is None:
-        return ClaimResult(admitted=False, batch_id=batch_id, expires_at=rows[0][1])
+        return ClaimResult(False, batch_id, expires_at, registry_prompt_version=registry_prompt_version)
     pairs = [{"pair_id": r[2], "query": r[3], "document": r[4]} for r in rows if r[2] is not None]
-    return ClaimResult(admitted=True, batch_id=batch_id, expires_at=rows[0][1], pairs=pairs)
+    return ClaimResult(True, batch_id, expires_at, pairs, registry_prompt_version)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -248,17 +261,27 @@ async def claim(
 # leased to this batch (ordinary) or handed out with it (honeypot), or neither (refused: the whole chunk
 # is rejected, nothing is written). Accepted labels of ordinary pairs end the pair's lease and move its
 # verification forward through kombinat_next(); the batch's lease is extended.
-SUBMIT_SQL = compact_sql("""
+# A label's model (and prompt version) is the batch's, as the claim admitted it. Its ``relevant`` and
+# ``p_calibrated`` come in already decided by kombinat when the batch has a calibration (routes/work.py applies
+# kombinat_api/calibration.py); everything below (counts, honeypot check, reputation) reads that verdict.
+# Two variants (one prepared statement each) differ only in how a pair's tallies are brought up to date:
+# - labels (the default): incrementally, from the pair's counters; the pair's labels are read only in the
+#   submit that verifies it, to count the model configurations that agree (n_model_configs);
+# - distinct models (KOMBINAT_QUORUM_DISTINCT_MODELS): every label recounts its pair with kombinat_count(), the
+#   same recount the recomputation runs, since a configuration's vote depends on its other labels there.
+#   The recount reads the pair's labels as of this statement's snapshot: a quarantine that commits while the
+#   submit waits for the pair's lock is not seen by it (the incremental counters of the default variant are
+#   re-read after the lock and are); the pair is right again at its next recount.
+_SUBMIT_TEMPLATE = """
 WITH durable AS (
     -- Labels are acknowledged to the annotator, which then forgets them: this commit waits for the WAL
     -- flush even if the same transaction's token check turned synchronous commit off.
     SELECT set_config('synchronous_commit', 'on', true) AS s
 ), inp AS (
-    SELECT * FROM json_to_recordset(%(labels)s::json)
-        AS t(pair_id uuid, relevant boolean, p_relevant real, grade smallint, truncated boolean, seconds real)
+    SELECT * FROM json_to_recordset(%(labels)s::json) AS t(pair_id uuid, relevant boolean, p_relevant real,
+        p_calibrated real, grade smallint, truncated boolean, seconds real)
 ), b AS (
-    SELECT batch_id, contributor_id, tier, quarantined,
-           (expires_at > now() AND released_at IS NULL) AS live, expires_at
+    SELECT *, (expires_at > now() AND released_at IS NULL) AS live
     FROM batch WHERE batch_id = %(bid)s
     FOR UPDATE
 ), me AS (
@@ -286,36 +309,37 @@ WITH durable AS (
 ), ok AS (
     SELECT owner = %(cid)s AND n_own + n_dup = n_in AND (live OR n_own = 0) AS ok FROM chk
 ), ins AS (
-    INSERT INTO label (pair_id, contributor_id, batch_id, relevant, p_relevant, grade, truncated, seconds,
-                       backend, model_id, quantization, annotator_version, tier, is_honeypot, quarantined)
-    SELECT i.pair_id, %(cid)s, %(bid)s, i.relevant, i.p_relevant, i.grade, coalesce(i.truncated, false),
-           coalesce(i.seconds, 0),
-           %(backend)s, %(model_id)s, %(quantization)s, %(annotator_version)s,
-           (SELECT tier FROM b), o.is_honeypot, (SELECT quarantined FROM b)
+    INSERT INTO label (pair_id, contributor_id, batch_id, relevant, p_relevant, p_calibrated, grade, truncated,
+                       seconds, backend, model_id, quantization, prompt_version, annotator_version, tier,
+                       is_honeypot, quarantined)
+    SELECT i.pair_id, %(cid)s, %(bid)s, i.relevant, i.p_relevant, i.p_calibrated, i.grade,
+           coalesce(i.truncated, false), coalesce(i.seconds, 0), b.backend, b.model_id, b.quantization,
+           b.prompt_version, %(annotator_version)s, b.tier, o.is_honeypot, b.quarantined
     FROM inp i
     JOIN (SELECT pair_id, false AS is_honeypot FROM own_p UNION ALL SELECT pair_id, true FROM own_h) o
         USING (pair_id)
+    CROSS JOIN b
     WHERE (SELECT ok FROM ok)
     ON CONFLICT (pair_id, contributor_id) DO NOTHING
-    RETURNING pair_id, relevant, p_relevant, is_honeypot, quarantined
+    RETURNING pair_id, relevant, coalesce(p_calibrated, p_relevant) AS p, model_id AS m, quantization AS q,
+              prompt_version AS v, is_honeypot, quarantined
 ), d AS (
     -- me as a join, not a sub-select: the tallies stay plain columns, and only then does the planner inline
-    -- kombinat_next() below instead of calling it once per label
-    SELECT ins.pair_id,
-           (NOT ins.quarantined AND me.good_standing)::int AS dn,
-           (NOT ins.quarantined AND me.good_standing AND ins.relevant)::int AS dr,
-           CASE WHEN NOT ins.quarantined AND me.good_standing THEN ins.p_relevant ELSE 0 END AS dp
-    FROM ins CROSS JOIN me WHERE NOT ins.is_honeypot
+    -- kombinat_next() below instead of calling it once per label. rel: the verdict if the label counts.
+    SELECT ins.*, x.c::int AS dn, (x.c AND ins.relevant)::int AS dr, CASE WHEN x.c THEN ins.p ELSE 0 END AS dp,
+           CASE WHEN x.c THEN ins.relevant END AS rel
+    FROM ins CROSS JOIN me CROSS JOIN LATERAL (SELECT NOT ins.quarantined AND me.good_standing AS c) x
+    WHERE NOT ins.is_honeypot
 ), upd AS (
     UPDATE pair p SET
-        (status, state, tier, n_labels, n_relevant, p_sum, resolved_at) = (
-            SELECT f.status, f.state, f.new_tier,
-                   CASE WHEN f.escalated THEN 0 ELSE p.n_labels + d.dn END,
-                   CASE WHEN f.escalated THEN 0 ELSE p.n_relevant + d.dr END,
-                   CASE WHEN f.escalated THEN 0 ELSE p.p_sum + d.dp END,
+        -- kombinat_next's columns in its order, then the two that depend on its outcome
+        (status, state, tier, n_labels, n_relevant, n_votes, n_votes_relevant, p_sum, n_model_configs,
+         resolved_at) = (
+            SELECT f.*,
+                   CASE WHEN f.status = 'verified' THEN {configs} END,
                    CASE WHEN f.state = 'done' THEN now() END
-            FROM kombinat_next(p.n_labels + d.dn, p.n_relevant + d.dr, p.tier,
-                               %(min_agree)s, %(max_per_tier)s, %(max_tier)s) f),
+            FROM {tally} t,
+                 kombinat_next(t.n, t.r, {votes}, t.ps, p.tier, %(min_agree)s, %(max_per_tier)s, %(max_tier)s) f),
         lease_batch_id = NULL,
         lease_expires_at = NULL
     FROM d WHERE p.pair_id = d.pair_id
@@ -340,7 +364,23 @@ SELECT chk.n_in, chk.n_dup, chk.n_own, chk.owner, chk.live, ok.ok,
        (SELECT s FROM durable) AS durable,
        coalesce((SELECT hp_wrong FROM bu), 0) AS hp_wrong
 FROM chk, ok
-""")
+"""
+
+# The new label in kombinat_count()'s arguments: the statement cannot see its own insert.
+_NEW_LABEL = "d.m, d.q, d.v, d.rel, d.p"
+SUBMIT_SQL = compact_sql(
+    _SUBMIT_TEMPLATE.format(
+        tally="(SELECT p.n_labels + d.dn AS n, p.n_relevant + d.dr AS r, p.p_sum + d.dp AS ps)",
+        votes="t.n, t.r",
+        # a sub-select in a CASE branch runs only when the branch is taken: once per pair, when it is verified
+        configs=f"(SELECT c.a FROM kombinat_count(p.pair_id, p.tier, false, {_NEW_LABEL}) c)",
+    )
+)
+SUBMIT_DISTINCT_SQL = compact_sql(
+    _SUBMIT_TEMPLATE.format(
+        tally=f"kombinat_count(p.pair_id, p.tier, true, {_NEW_LABEL})", votes="t.vn, t.vr", configs="t.a"
+    )
+)
 
 
 @dataclass
@@ -372,17 +412,16 @@ async def submit(
     min_agreement: float,
     max_labels_per_tier: int,
     max_tier: int,
+    distinct_models: bool = False,
 ) -> SubmitResult:
-    """``labels_json``: a JSON array of {pair_id, relevant, p_relevant, grade, truncated, seconds}."""
+    """``labels_json``: a JSON array of {pair_id, relevant, p_relevant, p_calibrated, grade, truncated, seconds}
+    (``render_labels``); ``model`` gives the annotator_version (the model itself is the batch's)."""
     await cur.execute(
-        SUBMIT_SQL,
+        SUBMIT_DISTINCT_SQL if distinct_models else SUBMIT_SQL,
         {
             "labels": labels_json,
             "bid": batch_id,
             "cid": contributor_id,
-            "backend": model["backend"],
-            "model_id": model["model_id"],
-            "quantization": model["quantization"],
             "annotator_version": model.get("annotator_version", ""),
             "lease": float(lease_seconds),
             "min_agree": float(min_agreement),
@@ -411,6 +450,82 @@ async def submit(
         escalated=list(row[11] or []),
         honeypots_wrong=int(row[13]),
     )
+
+
+# The model a batch was claimed with, as the claim stored it. Immutable for the batch's lifetime, so a replica
+# may keep it in memory (BatchModelCache) instead of reading it for every chunk.
+BATCH_MODEL_SQL = """
+SELECT contributor_id, backend, model_id, quantization, prompt_version, calibration FROM batch WHERE batch_id = %(bid)s
+"""
+
+
+@dataclass(frozen=True)
+class BatchModel:
+    contributor_id: int
+    backend: str
+    model_id: str
+    quantization: str
+    prompt_version: str
+    calibration: PlattCalibration | IsotonicCalibration | None
+
+    def mismatch(self, model: dict[str, str]) -> str | None:
+        """What in a chunk's ``model`` differs from the batch's (None: nothing), as a sentence."""
+        ours = (self.backend, self.model_id, self.quantization, self.prompt_version)
+        theirs = (
+            model["backend"],
+            model["model_id"],
+            model["quantization"],
+            model.get("prompt_version", DEFAULT_PROMPT_VERSION),
+        )
+        if ours == theirs:
+            return None
+        return (
+            f"This batch was claimed with {'/'.join(ours[:3])} and prompt version {ours[3]}, but the labels say "
+            f"{'/'.join(theirs[:3])} and prompt version {theirs[3]}; labels are only comparable when they are "
+            "made as claimed: claim a new batch with the model and prompt you run."
+        )
+
+
+async def batch_model(cur: AsyncCursor[Any], batch_id: uuid.UUID) -> BatchModel | None:
+    """The batch's model, prompt version and calibration as claimed (None: no such batch)."""
+    await cur.execute(BATCH_MODEL_SQL, {"bid": batch_id})
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    calibration = None if row[5] is None else CALIBRATION.validate_python(row[5])
+    return BatchModel(row[0], row[1], row[2], row[3], row[4], calibration)
+
+
+class BatchModelCache:
+    """Batch models a replica has read, oldest dropped first past ``capacity`` (a lease lasts minutes, and a miss
+    costs one key lookup in the chunk's own transaction)."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._items: dict[uuid.UUID, BatchModel] = {}
+
+    def get(self, batch_id: uuid.UUID) -> BatchModel | None:
+        return self._items.get(batch_id)
+
+    def put(self, batch_id: uuid.UUID, model: BatchModel) -> None:
+        if len(self._items) >= self.capacity:
+            # dicts keep insertion order: drop the oldest tenth at once, not one entry per insert
+            for key in list(itertools.islice(self._items, max(1, self.capacity // 10))):
+                del self._items[key]
+        self._items[batch_id] = model
+
+
+def render_calibrated(labels: Sequence[Any], calibration: PlattCalibration | IsotonicCalibration) -> str:
+    """A chunk's labels (``LabelIn``) as SUBMIT_SQL reads them, judged by kombinat: each one's ``relevant`` is
+    p_cal >= threshold (the annotator's own verdict is dropped) and p_cal travels as ``p_calibrated``."""
+    rows = []
+    for lab in labels:
+        p_cal, relevant = verdict(calibration, lab.p_relevant)
+        rows.append(
+            {"pair_id": str(lab.pair_id), "relevant": relevant, "p_relevant": lab.p_relevant, "p_calibrated": p_cal,
+             "grade": lab.grade, "truncated": lab.truncated, "seconds": lab.seconds}
+        )  # fmt: skip
+    return json.dumps(rows)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -466,31 +581,20 @@ SELECT pair_id FROM pair WHERE pair_id = ANY(%(ids)s::uuid[]) AND NOT is_honeypo
 """
 
 # Runs after LOCK_PAIRS_SQL in the same transaction: with the rows locked, this statement's fresh snapshot
-# sees their latest versions, so the recount cannot race a concurrent submit.
+# sees their latest versions, so the recount cannot race a concurrent submit. The tallies come from
+# kombinat_count(), the recount the distinct-model submit runs too, and the outcome from the same kombinat_next().
 RECOMPUTE_SQL = """
-WITH agg AS (
-    SELECT p.pair_id,
-           count(l.label_id)::int AS n,
-           (count(l.label_id) FILTER (WHERE l.relevant))::int AS r,
-           coalesce(sum(l.p_relevant), 0) AS ps
-    FROM pair p
-    LEFT JOIN label l ON l.pair_id = p.pair_id AND NOT l.quarantined AND l.tier >= p.tier
-        AND EXISTS (SELECT 1 FROM contributor c WHERE c.id = l.contributor_id AND c.good_standing)
-    WHERE p.pair_id = ANY(%(ids)s::uuid[]) AND NOT p.is_honeypot
-    GROUP BY p.pair_id
-)
 UPDATE pair p SET
-    (status, state, tier, n_labels, n_relevant, p_sum, resolved_at) = (
+    (status, state, tier, n_labels, n_relevant, n_votes, n_votes_relevant, p_sum, n_model_configs, resolved_at) = (
         SELECT f.status,
                -- a pair that still needs labels keeps a live lease it has
                CASE WHEN f.state = 'queued' AND p.lease_batch_id IS NOT NULL THEN 'leased' ELSE f.state END,
-               f.new_tier,
-               CASE WHEN f.escalated THEN 0 ELSE a.n END,
-               CASE WHEN f.escalated THEN 0 ELSE a.r END,
-               CASE WHEN f.escalated THEN 0 ELSE a.ps END,
+               f.new_tier, f.n_labels, f.n_relevant, f.n_votes, f.n_votes_relevant, f.p_sum,
+               CASE WHEN f.status = 'verified' THEN t.a END,
                CASE WHEN f.state = 'done' THEN coalesce(p.resolved_at, now()) END
-        FROM kombinat_next(a.n, a.r, p.tier, %(min_agree)s, %(max_per_tier)s, %(max_tier)s) f)
-FROM agg a WHERE p.pair_id = a.pair_id
+        FROM kombinat_count(p.pair_id, p.tier, %(distinct)s, NULL, NULL, NULL, NULL, NULL) t,
+             kombinat_next(t.n, t.r, t.vn, t.vr, t.ps, p.tier, %(min_agree)s, %(max_per_tier)s, %(max_tier)s) f)
+WHERE p.pair_id = ANY(%(ids)s::uuid[]) AND NOT p.is_honeypot
 RETURNING p.pair_id, p.status
 """
 
@@ -501,11 +605,13 @@ def recompute_pairs(
     min_agreement: float,
     max_labels_per_tier: int,
     max_tier: int,
+    distinct_models: bool = False,
 ) -> dict[uuid.UUID, str]:
     """Recount the verification state of ``pair_ids`` from their labels that count right now.
 
     Escalation is sticky (a pair never drops back a tier); an escalated pair is recounted again so labels
-    that already exist at its new tier count there.
+    that already exist at its new tier count there. ``distinct_models``: the quorum counts model
+    configurations, not labels (Settings.quorum_distinct_models).
     """
     statuses: dict[uuid.UUID, str] = {}
     todo = list(dict.fromkeys(pair_ids))
@@ -514,6 +620,7 @@ def recompute_pairs(
             break
         params = {
             "ids": todo,
+            "distinct": bool(distinct_models),
             "min_agree": float(min_agreement),
             "max_per_tier": int(max_labels_per_tier),
             "max_tier": int(max_tier),

@@ -8,7 +8,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kombinat_api.calibration import Calibration
+
 Backend = Literal["llama_cpp", "vllm", "mlx"]
+# The prompt wording a model's labels are made with ("p1", "g1", "r1", ...): scores from different wordings are
+# not comparable, so the registry names the one each model must use and claims must match it.
+PROMPT_VERSION_PATTERN = r"^[a-z][a-z0-9._-]{0,31}$"
+DEFAULT_PROMPT_VERSION = "p1"
 
 
 class Strict(BaseModel):
@@ -21,6 +27,7 @@ class ModelInfo(Strict):
     model_id: str = Field(min_length=1, max_length=300)
     quantization: str = Field(min_length=1, max_length=100)
     annotator_version: str = Field(default="", max_length=100)
+    prompt_version: str = Field(default=DEFAULT_PROMPT_VERSION, pattern=PROMPT_VERSION_PATTERN)
 
 
 class ClaimRequest(Strict):
@@ -129,6 +136,10 @@ class ModelEntry(Strict):
     min_memory_gb: float = Field(default=0.0, ge=0.0)
     admitted: bool = False
     qualification: dict[str, Any] | None = None
+    prompt_version: str = Field(default=DEFAULT_PROMPT_VERSION, pattern=PROMPT_VERSION_PATTERN)
+    # raw score -> calibrated probability and the verdict threshold (kombinat_api/calibration.py); None: the
+    # annotator's own verdict counts
+    calibration: Calibration | None = None
 
 
 class ModelList(BaseModel):

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     verify_min_agreement: float = Field(default=0.66, ge=0.5, le=1.0)
     max_labels_per_tier: int = Field(default=3, ge=2)
     max_tier: int = 1
+    # Independence (KOMBINAT_QUORUM_DISTINCT_MODELS): a model configuration is (model_id, quantization,
+    # prompt_version), whatever the backend. Off, every counted label is a vote. On, the counted labels of one
+    # configuration on a pair are one vote (their majority; a tie abstains), so copies of one deterministic model
+    # can never verify a pair alone: it needs >= 2 configurations that agree. Escalation still counts labels.
+    quorum_distinct_models: bool = False
 
     # Honeypots: share of each batch for trusted contributors (5-10 % by design) and for new or
     # low-reputation ones, who get honeypot-heavy batches until they are trusted.

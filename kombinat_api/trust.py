@@ -189,6 +189,7 @@ def recompute_in_chunks(conn: Connection, pair_ids: Sequence[uuid.UUID], setting
             settings.verify_min_agreement,
             settings.max_labels_per_tier,
             settings.max_tier,
+            settings.quorum_distinct_models,
         )
 
 

@@ -87,9 +87,9 @@ WITH h AS (
     FROM pg_snapshot_xip(pg_current_snapshot()) x
     WHERE x::text::bigint >= %(x1)s OR x::text::bigint %% 4294967296 = ANY(%(xids)s::bigint[])
 )
-SELECT l.xact, l.label_id, l.pair_id, l.contributor_id, l.relevant, l.p_relevant, l.grade, l.truncated,
-       l.backend, l.model_id, l.quantization, l.annotator_version, l.created_at, l.quarantined,
-       p.split, p.cycle
+SELECT l.xact, l.label_id, l.pair_id, l.contributor_id, l.relevant, l.p_relevant, l.p_calibrated, l.grade,
+       l.truncated, l.backend, l.model_id, l.quantization, l.prompt_version, l.annotator_version, l.created_at,
+       l.quarantined, p.split, p.cycle
 FROM label l JOIN pair p ON p.pair_id = l.pair_id
 WHERE (l.xact, l.label_id) > (%(ax)s, %(al)s)
   AND l.xact < (SELECT horizon FROM h)
@@ -123,11 +123,13 @@ def export_labels(
             "contributor_id": r.contributor_id,
             "relevant": r.relevant,
             "p_relevant": r.p_relevant,
+            "p_calibrated": r.p_calibrated,
             "grade": r.grade,
             "truncated": r.truncated,
             "backend": r.backend,
             "model_id": r.model_id,
             "quantization": r.quantization,
+            "prompt_version": r.prompt_version,
             "annotator_version": r.annotator_version,
             "created_at": r.created_at.isoformat(),
             "quarantined": r.quarantined,
@@ -142,6 +144,7 @@ def export_labels(
 
 VERIFIED_SQL = """
 SELECT p.pair_id, c.query, c.document, p.split, p.cycle, p.status, p.tier, p.n_labels, p.n_relevant, p.p_sum,
+       p.n_votes, p.n_votes_relevant, p.n_model_configs,
        (SELECT coalesce(array_agg(DISTINCT l.backend || '/' || l.model_id || '/' || l.quantization), '{}')
         FROM label l WHERE l.pair_id = p.pair_id AND NOT l.quarantined AND l.tier >= p.tier) AS models
 FROM pair p JOIN pair_content c ON c.pair_id = p.pair_id
@@ -181,8 +184,10 @@ def export_verified(
         ).all()
     pairs = []
     for r in rows:
-        majority = r.n_relevant * 2 >= r.n_labels if r.n_labels else None
-        agree = max(r.n_relevant, r.n_labels - r.n_relevant) / r.n_labels if r.n_labels else None
+        # the quorum's verdict and agreement: over labels, or over model configurations in distinct-model mode
+        votes, yes = r.n_votes, r.n_votes_relevant
+        majority = yes * 2 >= votes if votes else None
+        agree = max(yes, votes - yes) / votes if votes else None
         pairs.append(
             {
                 "pair_id": str(r.pair_id),
@@ -194,6 +199,8 @@ def export_verified(
                 "label": majority,
                 "p_relevant": r.p_sum / r.n_labels if r.n_labels else None,
                 "n_labels": r.n_labels,
+                "n_votes": votes,
+                "n_model_configs": r.n_model_configs,
                 "agreement": agree,
                 "tier": r.tier,
                 "models": sorted(r.models),

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Engine
 
+from kombinat_api.queue import BatchModelCache
 from kombinat_api.settings import Settings
 
 # Starlette's app.state is an untyped attribute bag; main.create_app fills it, and these accessors are the one
@@ -30,6 +31,12 @@ def hot_pool_of(request: Request) -> AsyncConnectionPool:
     """The asyncio pool of the claim/submit/release hot path (prepared statements with generic plans)."""
     pool: AsyncConnectionPool = request.app.state.hot_pool
     return pool
+
+
+def batch_models_of(request: Request) -> BatchModelCache:
+    """This process's cache of the models batches were claimed with (immutable per batch)."""
+    cache: BatchModelCache = request.app.state.batch_models
+    return cache
 
 
 def limit_error(loc: tuple[str, ...], value: Any, maximum: int, what: str) -> RequestValidationError:

@@ -12,7 +12,7 @@ from pydantic import TypeAdapter, ValidationError
 from kombinat_api import queue, trust
 from kombinat_api.auth import Principal, principal_in, token_of
 from kombinat_api.db import async_transaction
-from kombinat_api.routes.deps import engine_of, hot_pool_of, limit_error, settings_of
+from kombinat_api.routes.deps import batch_models_of, engine_of, hot_pool_of, limit_error, settings_of
 from kombinat_api.schemas import (
     ClaimRequest,
     ClaimResponse,
@@ -52,6 +52,14 @@ async def claim_batch(body: ClaimRequest, request: Request, token: str = Depends
         )
     if not result.admitted:
         m = body.model
+        wanted = result.registry_prompt_version
+        if wanted is not None and wanted != m.prompt_version:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                detail=f"Model {m.backend}/{m.model_id}/{m.quantization} labels with prompt version {wanted}, but this "
+                f"claim says prompt version {m.prompt_version}: labels made with another wording are not comparable "
+                "(nor calibrated). Update the annotator (pip install -U embedkomb) and claim again.",
+            )
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             detail=f"Model {m.backend}/{m.model_id}/{m.quantization} is not admitted; "
@@ -101,8 +109,13 @@ async def submit_labels(
 ) -> SubmitResponse:
     body: LabelChunk = _json_body(LabelChunk, await request.body())
     settings = settings_of(request)
-    labels_json = _LABELS.dump_json(body.labels).decode()
+    model = body.model.model_dump()
     hot_pool = hot_pool_of(request)
+    # The batch's model as claimed (with the calibration of that moment) never changes, so a replica reads it
+    # once per batch, in the first chunk's transaction.
+    batch_models = batch_models_of(request)
+    batch = batch_models.get(batch_id)
+    labels_json: str | None = None
     result = queue.SubmitResult("foreign")
     principal: Principal | None = None
     # A refusal can be a stale snapshot: a retry of this very chunk that waited on the batch lock while the
@@ -115,16 +128,32 @@ async def submit_labels(
                     raise limit_error(
                         ("body", "labels"), len(body.labels), settings.max_labels_per_chunk, "chunk of labels"
                     )
+            if batch is None:
+                batch = await queue.batch_model(cur, batch_id)
+                if batch is not None:
+                    batch_models.put(batch_id, batch)
+            if labels_json is None:
+                # (another contributor's batch, or none: the submit refuses it below)
+                if batch is not None and batch.contributor_id == principal.contributor_id:
+                    mismatch = batch.mismatch(model)
+                    if mismatch is not None:
+                        raise HTTPException(status.HTTP_409_CONFLICT, detail=mismatch)
+                # With a calibration, kombinat decides the verdict (kombinat_api/calibration.py), not the annotator.
+                if batch is None or batch.calibration is None:
+                    labels_json = _LABELS.dump_json(body.labels).decode()
+                else:
+                    labels_json = queue.render_calibrated(body.labels, batch.calibration)
             result = await queue.submit(
                 cur,
                 principal.contributor_id,
                 batch_id,
                 labels_json,
-                body.model.model_dump(),
+                model,
                 settings.lease_seconds,
                 settings.verify_min_agreement,
                 settings.max_labels_per_tier,
                 settings.max_tier,
+                settings.quorum_distinct_models,
             )
         if result.outcome != "foreign":
             break

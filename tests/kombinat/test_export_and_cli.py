@@ -41,8 +41,9 @@ def test_label_export_pages_in_stable_order_and_resumes(kmb: Kombinat) -> None:
     assert sorted(seen) == seen and len(seen) == len(set(seen)) == 7
     first = kmb.client.get("/api/v1/admin/labels", params={"limit": 100}, headers=kmb.admin).json()["labels"][0]
     assert set(first) == {
-        "label_id", "pair_id", "contributor_id", "relevant", "p_relevant", "grade", "truncated", "backend",
-        "model_id", "quantization", "annotator_version", "created_at", "quarantined", "split", "cycle",
+        "label_id", "pair_id", "contributor_id", "relevant", "p_relevant", "p_calibrated", "grade", "truncated",
+        "backend", "model_id", "quantization", "prompt_version", "annotator_version", "created_at", "quarantined",
+        "split", "cycle",
     }  # fmt: skip
     assert (first["backend"], first["model_id"], first["quantization"], first["annotator_version"]) == (
         "llama_cpp", "test/Tiny-LLM", "Q4_K_M", "test-0.1"
@@ -125,7 +126,7 @@ def test_cli_migrate_admin_token_honeypots_stats() -> None:
         assert current_revision(url) is None
         result = runner.invoke(cli, ["migrate", "--database-url", url])
         assert result.exit_code == 0, result.output
-        assert current_revision(url) == "0003_keep_queue_pages"
+        assert current_revision(url) == "0004_calibration_configs"
         # Migrating again is a no-op.
         assert runner.invoke(cli, ["migrate", "--database-url", url]).exit_code == 0
         token = runner.invoke(cli, ["create-admin-token", "--name", "pipeline", "--database-url", url])

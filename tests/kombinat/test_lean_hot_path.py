@@ -58,9 +58,15 @@ def test_the_verification_rule_is_inlined_into_the_submit(kmb: Kombinat) -> None
     alice = kmb.contributor(trusted=True)
     batch = kmb.claim(alice, 4)
     params = _submit_params(alice.id, batch["batch_id"], [p["pair_id"] for p in batch["pairs"]])
-    # EXPLAIN runs nothing; with the rule as a called function the plan shows a per-row Function Scan.
-    plan = "\n".join(r[0] for r in kmb.sql("EXPLAIN " + queue.SUBMIT_SQL, params))
-    assert "kombinat_next" not in plan and "Function Scan on json_to_recordset" in plan, plan
+    # EXPLAIN runs nothing; with the rule (or the recount) as a called function the plan shows a per-row
+    # Function Scan.
+    for statement in (queue.SUBMIT_SQL, queue.SUBMIT_DISTINCT_SQL):
+        plan = "\n".join(r[0] for r in kmb.sql("EXPLAIN " + statement, params))
+        assert "kombinat_" not in plan and "Function Scan on json_to_recordset" in plan, plan
+    recount = {"ids": [p["pair_id"] for p in batch["pairs"]], "distinct": True, "min_agree": 0.66, "max_per_tier": 3,
+               "max_tier": 1}  # fmt: skip
+    plan = "\n".join(r[0] for r in kmb.sql("EXPLAIN " + queue.RECOMPUTE_SQL, recount))
+    assert "kombinat_" not in plan and "label_pkey" in plan, plan
     # and the inlined rule still decides: the same statement, executed, labels the pairs once each
     assert kmb.submit(alice, batch["batch_id"], {p["pair_id"]: True for p in batch["pairs"]}).status_code == 200
     assert {r[0] for r in kmb.sql("SELECT status FROM pair WHERE NOT is_honeypot")} == {"labeled"}
@@ -226,33 +232,41 @@ def test_generic_plans_reach_labels_only_by_their_key(database_url: str, kmb: Ko
     """A contributor's labels grow without bound, and the hot path's generic plans live as long as their
     connections: claim, submit and release must find a (pair, contributor) label by its key. Planned as
     joins on small tables, they read every label of the contributor instead (the whole key index, since
-    contributor_id is its second column): with 40k pairs queued, a claim took 22 ms where probes take 7."""
+    contributor_id is its second column): with 40k pairs queued, a claim took 22 ms where probes take 7.
+    The one other read allowed is the recount of a pair (kombinat_count: its model configurations), by the pair
+    alone: a pair has a handful of labels, however many its contributors have."""
     # a queue long enough that the planner expects many candidates, which is what invites the join
     alice, ids, _ = _fifty_labels_then_analyze(kmb, 3000)
     second = kmb.claim(alice, 10)
     model = model_info()
     claim_types = {"backend": "text", "model_id": "text", "quantization": "text", "annotator_version": "text",
-                   "cid": "bigint", "n": "int", "hp_expected": "float8", "bid": "uuid", "lease": "float8"}  # fmt: skip
-    submit_types = {"labels": "text", "bid": "uuid", "cid": "bigint", "backend": "text", "model_id": "text",
-                    "quantization": "text", "annotator_version": "text", "lease": "float8", "min_agree": "float8",
-                    "max_per_tier": "int", "max_tier": "int"}  # fmt: skip
+                   "prompt_version": "text", "cid": "bigint", "n": "int", "hp_expected": "float8", "bid": "uuid",
+                   "lease": "float8"}  # fmt: skip
+    submit_types = {"labels": "text", "bid": "uuid", "cid": "bigint", "annotator_version": "text", "lease": "float8",
+                    "min_agree": "float8", "max_per_tier": "int", "max_tier": "int"}  # fmt: skip
     release_types = {"bid": "uuid", "cid": "bigint", "all": "boolean", "ids": "uuid[]"}
     claim_params = {**model, "cid": alice.id, "n": 20, "hp_expected": 1.0, "bid": uuid.uuid4(), "lease": 900.0}
     release_params = {"bid": uuid.UUID(second["batch_id"]), "cid": alice.id, "all": True, "ids": []}
+    submit_params = _submit_params(alice.id, second["batch_id"], ids[50:])
     statements = {
         "claim": (queue.CLAIM_SQL, claim_params, claim_types),
-        "submit": (queue.SUBMIT_SQL, _submit_params(alice.id, second["batch_id"], ids[50:]), submit_types),
+        "submit": (queue.SUBMIT_SQL, submit_params, submit_types),
+        "submit (distinct models)": (queue.SUBMIT_DISTINCT_SQL, submit_params, submit_types),
         "release": (queue.RELEASE_SQL, release_params, release_types),
     }
+    recounts = {"claim": 0, "submit": 1, "submit (distinct models)": 1, "release": 0}
     with _pooled_connection(database_url, generic_plans=True) as conn:
         for name, (statement, params, types) in statements.items():
             with conn.transaction(force_rollback=True):
                 resolve(conn.cursor(), alice.token, 100, 100, generic_plans=True)
                 reads = _label_reads(_generic_plan(conn, statement, params, types))
             assert reads, name
+            by_pair_only = 0
             for read in reads:
                 cond = read.get("Index Cond", "")
-                assert "pair_id" in cond and "contributor_id" in cond, (name, read)
+                assert "pair_id" in cond, (name, read)
+                by_pair_only += "contributor_id" not in cond
+            assert by_pair_only == recounts[name], (name, reads)
 
 
 def test_hot_statements_fit_psycopgs_conversion_cache() -> None:
@@ -283,3 +297,35 @@ def test_vacuum_never_truncates_the_queue_tables(kmb: Kombinat) -> None:
     options = dict(kmb.sql("SELECT relname, reloptions FROM pg_class WHERE relname IN ('pair', 'batch', 'label')"))
     assert "vacuum_truncate=false" in (options["pair"] or []) and "vacuum_truncate=false" in (options["batch"] or [])
     assert options["label"] is None  # grow-only: its tail is never empty
+
+
+def _label_read_loops(kmb: Kombinat, statement: str, params: dict[str, object]) -> dict[str, int]:
+    """How often the statement's label reads ran, by kind: 'key' (pair, contributor) probes, 'pair' recounts.
+    EXPLAIN ANALYZE runs the statement; it is rolled back."""
+    with kmb.engine.connect() as conn:
+        plan = conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, params).scalar_one()[0]["Plan"]
+        conn.rollback()
+    loops = {"key": 0, "pair": 0}
+    for read in _label_reads(plan):
+        cond = read.get("Index Cond") or read.get("Recheck Cond") or ""
+        loops["key" if "contributor_id" in cond else "pair"] += read.get("Actual Loops", 0)
+    return loops
+
+
+def test_the_default_submit_reads_a_pairs_labels_only_when_it_verifies_it(kmb: Kombinat) -> None:
+    """Counting a verified pair's model configurations reads its labels; the default submit does it once per
+    pair, in the submit that verifies it, and never for a label that leaves its pair unsettled."""
+    kmb.admit()
+    kmb.enqueue(4)
+    alice, bob = kmb.contributor(trusted=True), kmb.contributor(trusted=True)
+    first = kmb.claim(alice, 4)
+    ids = [p["pair_id"] for p in first["pairs"]]
+    assert _label_read_loops(kmb, queue.SUBMIT_SQL, _submit_params(alice.id, first["batch_id"], ids))["pair"] == 0
+    assert kmb.submit(alice, first["batch_id"], {p: True for p in ids}).status_code == 200
+    second = kmb.claim(bob, 4)
+    # all four pairs get their second, agreeing label: each is verified and recounted once
+    loops = _label_read_loops(kmb, queue.SUBMIT_SQL, _submit_params(bob.id, second["batch_id"], ids))
+    assert loops["pair"] == 4, loops
+    # the distinct-model variant recounts every pair it touches
+    loops = _label_read_loops(kmb, queue.SUBMIT_DISTINCT_SQL, _submit_params(bob.id, second["batch_id"], ids[:3]))
+    assert loops["pair"] == 3, loops

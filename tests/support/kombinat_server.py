@@ -47,17 +47,20 @@ TEST_MODEL: dict[str, Any] = {
     "min_memory_gb": 1.0,
     "admitted": True,
     "qualification": {"kappa": 0.9, "n": 200},
+    "prompt_version": "p1",
+    "calibration": None,
 }
 
 
 def model_info(entry: dict[str, Any] | None = None, annotator_version: str = "test-0.1") -> dict[str, str]:
-    """The ``model`` object of claim and label bodies for a registry entry."""
+    """The ``model`` object of claim and label bodies for a registry entry (its prompt version included)."""
     entry = entry or TEST_MODEL
     return {
         "backend": entry["backend"],
         "model_id": entry["model_id"],
         "quantization": entry["quantization"],
         "annotator_version": annotator_version,
+        "prompt_version": entry.get("prompt_version", "p1"),
     }
 
 

@@ -31,7 +31,7 @@ from annotator.models import (
     entry_for_local_path,
     verify,
 )
-from annotator.prompt import PROMPT_VERSION
+from annotator.prompt import DEFAULT_PROMPT_VERSION, PROMPTS, get_prompt
 from annotator.report import make_reporter
 
 APP_HELP = """Label Embed Kombinat's candidate (query, document) pairs with a small local LLM.
@@ -70,6 +70,15 @@ ModelPathOpt = Annotated[
     ),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp (default: all).")]
+MaxDocumentTokensOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-document-tokens",
+        min=16,
+        help="Cut each document to this many tokens (default: the backend's, 1536 on llama.cpp). Shorter is "
+        "faster on a CPU; a cut document's label is marked truncated.",
+    ),
+]
 
 err_console = Console(stderr=True)
 
@@ -90,9 +99,9 @@ def _client(server: str, token: str | None = None, **kwargs: Any) -> KombinatCli
     return KombinatClient(server, token, **kwargs)
 
 
-def _annotator_version() -> str:
+def _annotator_version(prompt_version: str = DEFAULT_PROMPT_VERSION) -> str:
     # The prompt version travels with the code version: labels from another wording are not comparable.
-    return f"{__version__}+{PROMPT_VERSION}"
+    return f"{__version__}+{prompt_version}"
 
 
 def _credentials(server: str, json_mode: bool) -> auth.Credentials:
@@ -108,7 +117,7 @@ def _credentials(server: str, json_mode: bool) -> auth.Credentials:
 
 def _print_version(value: bool) -> None:
     if value:
-        print(_annotator_version())
+        print(f"{__version__} (prompt versions: {', '.join(PROMPTS)})")
         raise typer.Exit(0)
 
 
@@ -206,7 +215,14 @@ def _fetch_registry(url: str) -> tuple[list[RegistryEntry] | None, str | None]:
 
 
 def _model_meta(entry: RegistryEntry) -> ModelMeta:
-    return ModelMeta(entry.backend, entry.model_id, entry.quantization, _annotator_version())
+    """What every label says about its model; a prompt version this annotator does not know is a ModelError."""
+    try:
+        prompt = get_prompt(entry.prompt_version)
+    except ValueError as exc:
+        raise ModelError(f"model {entry.name}: {exc}") from exc
+    return ModelMeta(
+        entry.backend, entry.model_id, entry.quantization, _annotator_version(prompt.version), prompt.version
+    )
 
 
 @app.command()
@@ -344,6 +360,7 @@ def run(
     ] = False,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, max=500, help="Labels per submission.")] = 50,
     threads: ThreadsOpt = None,
+    max_document_tokens: MaxDocumentTokensOpt = None,
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -396,7 +413,14 @@ def run(
     code = 0
     loaded = None
     try:
-        loaded = load_backend(entry.backend, path, quantization=entry.quantization, n_threads=threads)
+        loaded = load_backend(
+            entry.backend,
+            path,
+            quantization=entry.quantization,
+            n_threads=threads,
+            prompt_version=meta.prompt_version,
+            max_document_tokens=max_document_tokens,
+        )
         worker = Worker(client, loaded, journal, meta, config, reporter)
         presses = 0
 
@@ -462,6 +486,13 @@ def bench(
     model_path: ModelPathOpt = None,
     pairs: Annotated[int, typer.Option("--pairs", min=1, help="How many sample pairs to score.")] = 32,
     threads: ThreadsOpt = None,
+    max_document_tokens: MaxDocumentTokensOpt = None,
+    prompt_version: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt-version", help=f"Prompt wording ({', '.join(PROMPTS)}; default: the registry's, or p1)."
+        ),
+    ] = None,
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -474,7 +505,7 @@ def bench(
 
     hw = detect()
     if model_path is not None and backend is not None and model is None:
-        name, backend_name, quantization = model_path.name, backend, ""
+        name, backend_name, quantization, registry_prompt = model_path.name, backend, "", DEFAULT_PROMPT_VERSION
     else:
         url = _server(server)
         registry, error = _fetch_registry(url)
@@ -492,12 +523,24 @@ def bench(
         except ModelError as exc:
             raise _fail(str(exc), EXIT_ERROR, json_mode) from exc
         name, backend_name, quantization = entry.name, entry.backend, entry.quantization
+        registry_prompt = entry.prompt_version
+    try:
+        prompt = get_prompt(prompt_version or registry_prompt)
+    except ValueError as exc:
+        raise _fail(str(exc), EXIT_ERROR, json_mode) from exc
     samples = sample_pairs()
     chosen = [samples[i % len(samples)] for i in range(pairs)]
     # Unique IDs even when the sample list wraps around.
     items = [(p.__class__(f"{p.pair_id}#{i}", p.query, p.document), rel) for i, (p, rel) in enumerate(chosen)]
     relevant = {p.pair_id: rel for p, rel in items}
-    loaded = load_backend(backend_name, model_path, quantization=quantization, n_threads=threads)
+    loaded = load_backend(
+        backend_name,
+        model_path,
+        quantization=quantization,
+        n_threads=threads,
+        prompt_version=prompt.version,
+        max_document_tokens=max_document_tokens,
+    )
     try:
         scores = list(loaded.score_pairs(order_pairs([p for p, _ in items])))
     finally:
@@ -508,6 +551,7 @@ def bench(
     result = {
         "backend": backend_name,
         "model": name,
+        "prompt_version": prompt.version,
         "pairs": stats.pairs,
         "seconds": round(stats.seconds, 3),
         "pairs_per_second": round(stats.pairs / seconds, 3),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from annotator.hardware import HardwareFacts
+from annotator.prompt import DEFAULT_PROMPT_VERSION
 
 # Below this much RAM the CPU tier drops from the 3B to the 1.5B model (3B Q4_K_M needs ~3 GB resident,
 # and a volunteer's machine is doing other things too).
@@ -60,6 +61,7 @@ class RegistryEntry:
     min_memory_gb: float = 0.0
     admitted: bool = False
     qualification: Mapping[str, Any] = field(default_factory=dict)
+    prompt_version: str = DEFAULT_PROMPT_VERSION  # the wording kombinat expects this model's labels in
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> RegistryEntry:
@@ -85,11 +87,16 @@ class RegistryEntry:
             min_memory_gb=float(data.get("min_memory_gb") or 0.0),
             admitted=bool(data.get("admitted")),
             qualification=dict(data.get("qualification") or {}),
+            prompt_version=str(data.get("prompt_version") or DEFAULT_PROMPT_VERSION),
         )
 
     @property
     def threshold(self) -> float:
-        """Decision threshold on P(relevant): the one calibrated on gold data at qualification, if any."""
+        """Decision threshold on the raw score: the one calibrated on gold data at qualification, if any.
+
+        Only a hint for the volunteer's own display: when the entry carries a calibration, kombinat decides
+        each label's verdict from the raw score itself (the annotator cannot move it).
+        """
         value = self.qualification.get("threshold") if isinstance(self.qualification, Mapping) else None
         if isinstance(value, int | float) and 0.0 < float(value) < 1.0:
             return float(value)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from annotator.prompt import NO_VARIANTS, YES_VARIANTS, PromptTemplate, sentinel_messages
+from annotator.prompt import YES_NO, Answer, PromptTemplate, PromptVersion, get_prompt
 
 if TYPE_CHECKING:  # numpy comes with every backend library, never with the base install
     import numpy as np
@@ -47,7 +47,7 @@ class Score:
     seconds: float
     prompt_tokens: int  # length of the full prompt
     evaluated_tokens: int  # tokens actually run through the model (the rest came from the prefix cache)
-    yes_no_mass: float  # P(yes-variants) + P(no-variants): low means the model wanted to say something else
+    yes_no_mass: float  # P(all answer tokens): low means the model wanted to say something else
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class ModelMeta:
     model_id: str
     quantization: str
     annotator_version: str
+    prompt_version: str = "p1"  # the wording the labels were made with: kombinat refuses a mismatch
 
     def as_dict(self) -> dict[str, str]:
         return {
@@ -65,6 +66,7 @@ class ModelMeta:
             "model_id": self.model_id,
             "quantization": self.quantization,
             "annotator_version": self.annotator_version,
+            "prompt_version": self.prompt_version,
         }
 
 
@@ -183,31 +185,52 @@ class PromptBuilder:
 
 @dataclass(frozen=True)
 class AnswerTokens:
-    yes: tuple[int, ...]
-    no: tuple[int, ...]
+    """The single-token spellings of each answer of a prompt version, with the answer's value.
+
+    ``groups[i] = (value, token ids)``. For yes/no that is ``((1.0, yes ids), (0.0, no ids))``; for a graded
+    0–3 prompt, four groups worth 0, 1/3, 2/3, 1.
+    """
+
+    groups: tuple[tuple[float, tuple[int, ...]], ...]
 
     @classmethod
-    def from_tokenizer(cls, tokenize: Tokenize) -> AnswerTokens:
-        """The single-token spellings of yes/no in this vocabulary.
+    def yes_no(cls, yes: tuple[int, ...], no: tuple[int, ...]) -> AnswerTokens:
+        return cls(((1.0, yes), (0.0, no)))
+
+    @property
+    def yes(self) -> tuple[int, ...]:
+        """The tokens of the most relevant answer (yes, or the top grade)."""
+        return max(self.groups)[1]
+
+    @property
+    def no(self) -> tuple[int, ...]:
+        """The tokens of the least relevant answer (no, or grade 0)."""
+        return min(self.groups)[1]
+
+    @classmethod
+    def from_tokenizer(cls, tokenize: Tokenize, answers: Sequence[Answer] = YES_NO) -> AnswerTokens:
+        """The single-token spellings of the prompt's answers in this vocabulary.
 
         A variant that splits into several tokens (e.g. " YES" → " Y", "ES") cannot be read from one
         next-token distribution, so it is skipped; its first piece would be ambiguous ("Y" also starts "You").
         """
-
-        def single(variants: tuple[str, ...]) -> tuple[int, ...]:
+        groups: list[tuple[float, tuple[int, ...]]] = []
+        for answer in answers:
             ids: list[int] = []
-            for text in variants:
+            for text in answer.variants:
                 toks = tokenize(text, False)
                 if len(toks) == 1 and toks[0] not in ids:
                     ids.append(toks[0])
-            return tuple(ids)
-
-        yes, no = single(YES_VARIANTS), single(NO_VARIANTS)
-        if not yes or not no:
-            raise ValueError("this tokenizer has no single-token 'yes'/'no': the model cannot be used")
-        if set(yes) & set(no):
-            raise ValueError("a token counts as both 'yes' and 'no'")
-        return cls(yes, no)
+            if not ids:
+                spelled = "/".join(repr(v) for v in answer.variants[:2])
+                raise ValueError(f"this tokenizer has no single-token {spelled}: the model cannot be used")
+            groups.append((answer.value, tuple(ids)))
+        seen: set[int] = set()
+        for _, group_ids in groups:
+            if seen & set(group_ids):
+                raise ValueError("a token counts toward two different answers")
+            seen |= set(group_ids)
+        return cls(tuple(groups))
 
 
 def _logsumexp(values: Sequence[float]) -> float:
@@ -218,34 +241,46 @@ def _logsumexp(values: Sequence[float]) -> float:
 
 
 def p_relevant_from_logits(logits: Logits, answers: AnswerTokens) -> tuple[float, float]:
-    """P(yes) / (P(yes) + P(no)) from a full next-token logit vector, and the yes+no share of all mass.
+    """The expected answer value renormalized over the answers' tokens, and the answers' share of all mass.
 
-    Renormalizing over the two answers is what makes P comparable across models whose chat habits put
-    different mass on other tokens (a leading space, "The", …); the mass is kept to spot such habits.
+    For yes/no that is P(yes) / (P(yes) + P(no)). Renormalizing over the answers is what makes the score
+    comparable across models whose chat habits put different mass on other tokens (a leading space, "The", …);
+    the mass is kept to spot such habits.
     """
     import numpy as np  # numpy comes with every backend library; the base install never reaches this
 
     arr = np.asarray(logits, dtype=np.float64)
     top = float(arr.max())
     log_total = top + math.log(float(np.exp(arr - top).sum()))
-    ly = _logsumexp([float(arr[i]) for i in answers.yes])
-    ln = _logsumexp([float(arr[i]) for i in answers.no])
-    return _two_way(ly, ln), math.exp(_logsumexp([ly, ln]) - log_total)
+    logs = [_logsumexp([float(arr[i]) for i in ids]) for _, ids in answers.groups]
+    return _expected_value(answers, logs), math.exp(_logsumexp(logs) - log_total)
 
 
 def p_relevant_from_logprobs(logprobs: Mapping[int, float], answers: AnswerTokens) -> tuple[float, float]:
     """The same from a top-k map {token id: log-probability} (vLLM returns only the top k).
 
     A variant missing from the top k has a probability below the smallest one returned; we count it at that
-    bound, which can only pull P toward 0.5 — never invent confidence the model did not show.
+    bound, which can only pull the score toward the middle — never invent confidence the model did not show.
     """
     if not logprobs:
-        return 0.5, 0.0
+        return _expected_value(answers, [0.0] * len(answers.groups)), 0.0
     floor = min(logprobs.values())
-    ly = _logsumexp([logprobs.get(i, floor) for i in answers.yes])
-    ln = _logsumexp([logprobs.get(i, floor) for i in answers.no])
-    mass = sum(math.exp(logprobs[i]) for i in (*answers.yes, *answers.no) if i in logprobs)
-    return _two_way(ly, ln), mass
+    logs = [_logsumexp([logprobs.get(i, floor) for i in ids]) for _, ids in answers.groups]
+    mass = sum(math.exp(logprobs[i]) for _, ids in answers.groups for i in ids if i in logprobs)
+    return _expected_value(answers, logs), mass
+
+
+def _expected_value(answers: AnswerTokens, logs: Sequence[float]) -> float:
+    """Σ value·P / Σ P over the answers, from their log-probabilities (exact for two answers: a logistic)."""
+    values = [value for value, _ in answers.groups]
+    if len(values) == 2:
+        (v_hi, l_hi), (v_lo, l_lo) = sorted(zip(values, logs, strict=True), reverse=True)
+        return v_lo + (v_hi - v_lo) * _two_way(l_hi, l_lo)
+    top = max(logs)
+    if top == -math.inf:
+        return sum(values) / len(values)
+    weights = [math.exp(v - top) for v in logs]
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
 
 
 def _two_way(log_yes: float, log_no: float) -> float:
@@ -317,15 +352,17 @@ class PromptTokenizer:
     template: PromptTemplate
     tokenize: Tokenize
     bos: tuple[int, ...] = ()
+    prompt: PromptVersion = field(default_factory=get_prompt)
 
     @classmethod
-    def from_hugging_face(cls, tokenizer: HFTokenizer) -> PromptTokenizer:
-        """The tokenizer vLLM and mlx-lm load with the model.
+    def from_hugging_face(cls, tokenizer: HFTokenizer, prompt_version: str | None = None) -> PromptTokenizer:
+        """The tokenizer vLLM and mlx-lm load with the model, for one prompt version (default p1).
 
         The rendered template already spells out any BOS (template text is encoded with special tokens on),
         so no BOS is added on top.
         """
-        rendered = tokenizer.apply_chat_template(sentinel_messages(), tokenize=False, add_generation_prompt=True)
+        prompt = get_prompt(prompt_version)
+        rendered = tokenizer.apply_chat_template(prompt.sentinel_messages(), tokenize=False, add_generation_prompt=True)
 
         def tokenize(text: str, special: bool) -> list[int]:
             if not text:
@@ -334,7 +371,7 @@ class PromptTokenizer:
                 return list(tokenizer.encode(text, add_special_tokens=False))
             return encode_plain(tokenizer, text)
 
-        return cls(PromptTemplate.from_rendered(rendered), tokenize)
+        return cls(PromptTemplate.from_rendered(rendered), tokenize, prompt=prompt)
 
 
 class PromptBackend(Backend):
@@ -353,7 +390,8 @@ class PromptBackend(Backend):
             bos=tokenizer.bos,
             max_document_tokens=max_document_tokens,
         )
-        self.answers = AnswerTokens.from_tokenizer(tokenizer.tokenize)
+        self.prompt = tokenizer.prompt
+        self.answers = AnswerTokens.from_tokenizer(tokenizer.tokenize, tokenizer.prompt.answers)
 
 
 class KVCacheBackend(PromptBackend):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from annotator.backends.base import KVCacheBackend, PromptTokenizer
-from annotator.prompt import CHATML_TEMPLATE, PromptTemplate, sentinel_messages
+from annotator.prompt import PromptTemplate, PromptVersion, chatml_template, get_prompt
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,6 +46,7 @@ class LlamaCppBackend(KVCacheBackend):
         n_gpu_layers: int = 0,
         reuse_prefix: bool = True,
         max_document_tokens: int = 1536,
+        prompt_version: str | None = None,
     ) -> None:
         import llama_cpp  # lazy: only volunteers on this backend have it installed
 
@@ -59,14 +60,15 @@ class LlamaCppBackend(KVCacheBackend):
             verbose=False,
         )
         self.n_vocab = self.llm.n_vocab()
-        template = self._prompt_template()
+        prompt = get_prompt(prompt_version)
+        template = self._prompt_template(prompt)
         # Template text is tokenized with special tokens on, so a BOS the template writes out becomes the
         # BOS token by itself; add one only when the model wants it and the template did not write it.
         bos_text = self.token_text(self.llm.token_bos())
         wants_bos = self._wants_bos() and not (bos_text and template.before_query.startswith(bos_text))
         bos = (self.llm.token_bos(),) if wants_bos else ()
         super().__init__(
-            PromptTokenizer(template, self._tokenize, bos),
+            PromptTokenizer(template, self._tokenize, bos, prompt),
             n_ctx=n_ctx,
             max_document_tokens=max_document_tokens,
             reuse_prefix=reuse_prefix,
@@ -84,11 +86,11 @@ class LlamaCppBackend(KVCacheBackend):
     def _wants_bos(self) -> bool:
         return self.llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
 
-    def _prompt_template(self) -> PromptTemplate:
+    def _prompt_template(self, prompt: PromptVersion) -> PromptTemplate:
         """The model's own chat template from the GGUF metadata; ChatML when it carries none."""
         source = self.llm.metadata.get("tokenizer.chat_template")
         if not source:
-            return CHATML_TEMPLATE
+            return chatml_template(prompt.version)
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         formatter = Jinja2ChatFormatter(
@@ -97,7 +99,7 @@ class LlamaCppBackend(KVCacheBackend):
             bos_token=self.token_text(self.llm.token_bos()),
             add_generation_prompt=True,
         )
-        return PromptTemplate.from_rendered(formatter(messages=_sentinel_chat()).prompt)
+        return PromptTemplate.from_rendered(formatter(messages=_sentinel_chat(prompt)).prompt)
 
     def _forward(self, ids: list[int], *, keep: int, cached: int) -> NDArray[np.float32]:
         import llama_cpp
@@ -112,10 +114,10 @@ class LlamaCppBackend(KVCacheBackend):
         self.llm.close()
 
 
-def _sentinel_chat() -> list[ChatCompletionRequestMessage]:
+def _sentinel_chat(prompt: PromptVersion) -> list[ChatCompletionRequestMessage]:
     """The sentinel prompt as llama-cpp-python's typed chat messages (it renders only system and user turns)."""
     chat: list[ChatCompletionRequestMessage] = []
-    for message in sentinel_messages():
+    for message in prompt.sentinel_messages():
         if message["role"] == "system":
             chat.append({"role": "system", "content": message["content"]})
         elif message["role"] == "user":

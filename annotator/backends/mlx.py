@@ -21,7 +21,14 @@ if TYPE_CHECKING:
 class MLXBackend(KVCacheBackend):
     name = "mlx"
 
-    def __init__(self, model_path: str | Path, *, n_ctx: int = 4096, max_document_tokens: int = 3072) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        max_document_tokens: int = 3072,
+        prompt_version: str | None = None,
+    ) -> None:
         from mlx_lm import load  # lazy: the [mlx] extra, Apple Silicon
 
         # mlx-lm's model and tokenizer wrapper: typed only as far as mlx-lm itself is.
@@ -30,7 +37,9 @@ class MLXBackend(KVCacheBackend):
         self.model, self.tokenizer = load(str(model_path))
         self.cache = self._new_cache()
         super().__init__(
-            PromptTokenizer.from_hugging_face(self.tokenizer), n_ctx=n_ctx, max_document_tokens=max_document_tokens
+            PromptTokenizer.from_hugging_face(self.tokenizer, prompt_version),
+            n_ctx=n_ctx,
+            max_document_tokens=max_document_tokens,
         )
 
     def _new_cache(self) -> list[Any]:

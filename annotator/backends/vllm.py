@@ -25,7 +25,7 @@ from annotator.backends.base import (
 )
 
 # vLLM returns at most `max_logprobs` (default 20) alternatives per position; ask for all of them so that
-# every spelling of yes/no the model puts real mass on is seen.
+# every spelling of an answer the model puts real mass on is seen.
 TOP_LOGPROBS = 20
 
 
@@ -50,6 +50,7 @@ class VLLMBackend(PromptBackend):
         gpu_memory_utilization: float = 0.85,
         micro_batch: int = 64,
         max_document_tokens: int = 3072,
+        prompt_version: str | None = None,
         engine: Any = None,
     ) -> None:
         # The engine is a vllm.LLM (or a test double): typed only as far as vLLM itself is.
@@ -67,7 +68,7 @@ class VLLMBackend(PromptBackend):
         self.tokenizer = engine.get_tokenizer()
         self.micro_batch = micro_batch
         super().__init__(
-            PromptTokenizer.from_hugging_face(self.tokenizer),
+            PromptTokenizer.from_hugging_face(self.tokenizer, prompt_version),
             n_ctx=max_model_len,
             max_document_tokens=max_document_tokens,
         )

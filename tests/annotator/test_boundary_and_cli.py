@@ -85,7 +85,7 @@ def test_run_without_login_says_how_to_log_in() -> None:
 
 def test_version() -> None:
     result = CliRunner().invoke(app, ["--version"])
-    assert result.exit_code == 0 and result.output.strip() == f"{annotator.__version__}+p1"
+    assert result.exit_code == 0 and result.output.strip() == f"{annotator.__version__} (prompt versions: p1, g1, r1)"
 
 
 def test_reporters_render_progress_json_and_quiet() -> None:

@@ -80,3 +80,18 @@ def test_long_documents_are_truncated_and_marked(tiny_backend: LlamaCppBackend) 
     assert score.prompt_tokens <= 1024
     [short] = tiny_backend.score_pairs([Pair("short", "what causes the seasons", "Axial tilt.")])
     assert not short.truncated
+
+
+@pytest.mark.parametrize("version", ["g1", "r1"])
+def test_every_prompt_version_scores_on_the_real_model(tiny_model_path: Path, version: str) -> None:
+    backend = LlamaCppBackend(tiny_model_path, n_ctx=1024, max_document_tokens=256, prompt_version=version)
+    try:
+        assert backend.prompt.version == version
+        scores = list(backend.score_pairs(order_pairs(PAIRS)))
+    finally:
+        backend.close()
+    assert all(0.0 <= s.p_relevant <= 1.0 for s in scores)
+    # the answer tokens (grades, or yes/no) carry real probability mass on this model
+    assert min(s.yes_no_mass for s in scores) > 0.05
+    # the long r1 instruction is evaluated once: later pairs of a query run only their own document
+    assert scores[1].evaluated_tokens < scores[0].evaluated_tokens

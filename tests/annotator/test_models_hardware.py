@@ -270,3 +270,17 @@ def test_local_file_is_identified_by_hash_and_hashes_are_remembered(tmp_path: Pa
     not_admitted = [RegistryEntry("mine", "llama_cpp", "m", "q", sha256=digest, admitted=False)]
     with pytest.raises(ModelError, match="not a model kombinat admits"):
         entry_for_local_path(model, not_admitted, hashes)
+
+
+def test_registry_entry_names_the_prompt_version_and_an_unknown_one_is_a_model_error() -> None:
+    from annotator.cli import _model_meta
+    from annotator.models import ModelError
+
+    base = {"name": "a", "backend": "llama_cpp", "model_id": "m", "quantization": "q"}
+    assert RegistryEntry.from_api(base).prompt_version == "p1"
+    entry = RegistryEntry.from_api({**base, "prompt_version": "g1"})
+    meta = _model_meta(entry)
+    assert meta.prompt_version == "g1" and meta.annotator_version.endswith("+g1")
+    assert meta.as_dict()["prompt_version"] == "g1"
+    with pytest.raises(ModelError, match="prompt version 'z9' is unknown"):
+        _model_meta(RegistryEntry.from_api({**base, "prompt_version": "z9"}))

@@ -92,7 +92,7 @@ def test_answer_tokens_fail_loudly_without_yes() -> None:
 
 
 def test_p_relevant_from_logits_sums_variants_and_renormalizes() -> None:
-    answers = AnswerTokens(yes=(1, 2), no=(3,))
+    answers = AnswerTokens.yes_no((1, 2), (3,))
     logits = [0.0, math.log(2.0), math.log(1.0), math.log(1.0), math.log(4.0)]  # other token 4 has most mass
     p, mass = p_relevant_from_logits(logits, answers)
     # P(yes) ∝ 2 + 1, P(no) ∝ 1 → 0.75; yes+no mass = 4 / (1 + 2 + 1 + 1 + 4)
@@ -101,7 +101,7 @@ def test_p_relevant_from_logits_sums_variants_and_renormalizes() -> None:
 
 
 def test_p_relevant_from_logits_is_stable_for_huge_logits() -> None:
-    answers = AnswerTokens(yes=(0,), no=(1,))
+    answers = AnswerTokens.yes_no((0,), (1,))
     p, _ = p_relevant_from_logits([1000.0, 0.0, -1000.0], answers)
     assert p == pytest.approx(1.0)
     p, _ = p_relevant_from_logits([0.0, 1000.0, -1000.0], answers)
@@ -109,7 +109,7 @@ def test_p_relevant_from_logits_is_stable_for_huge_logits() -> None:
 
 
 def test_p_relevant_from_top_k_logprobs_uses_floor_for_missing_variants() -> None:
-    answers = AnswerTokens(yes=(1, 2), no=(3,))
+    answers = AnswerTokens.yes_no((1, 2), (3,))
     top = {1: math.log(0.6), 3: math.log(0.2), 9: math.log(0.1)}  # variant 2 is not in the top k
     p, mass = p_relevant_from_logprobs(top, answers)
     # missing variant 2 counts at the floor (0.1): yes = 0.6 + 0.1, no = 0.2
@@ -275,3 +275,45 @@ def test_kv_cache_backend_trusts_nothing_in_the_cache_after_a_failure() -> None:
     [score] = backend.score_pairs(QUERY_A[1:])
     assert backend.forwards[-1] == (0, 0)
     assert score.evaluated_tokens == score.prompt_tokens
+
+
+def test_every_prompt_version_renders_with_the_query_in_the_shared_prefix() -> None:
+    from annotator.prompt import PROMPTS, chatml_template
+
+    assert set(PROMPTS) >= {"p1", "g1", "r1"}
+    for version, prompt in PROMPTS.items():
+        template = chatml_template(version)
+        # instructions (and r1's worked examples) come before the query, so every pair shares them
+        assert prompt.system in template.before_query
+        assert template.after_document.endswith("<|im_start|>assistant\n")
+        assert prompt.messages("q?", "d.")[1]["content"].count("q?") == 1
+
+
+def test_unknown_prompt_version_is_a_clear_error() -> None:
+    from annotator.prompt import get_prompt
+
+    with pytest.raises(ValueError, match=r"prompt version 'p9' is unknown .* p1, g1, r1"):
+        get_prompt("p9")
+
+
+def test_graded_answers_give_the_expected_grade_over_three() -> None:
+    from annotator.prompt import GRADES_0_3
+
+    tok = WordTokenizer()
+    answers = AnswerTokens.from_tokenizer(tok, GRADES_0_3)
+    assert [value for value, _ in answers.groups] == [0.0, 1 / 3, 2 / 3, 1.0]
+    logits = [-50.0] * len(tok.vocab)
+    grade_ids = [ids[0] for _, ids in answers.groups]
+    # P(grade 2) = P(grade 3) = 1/2 → E[grade] = 2.5 → 2.5 / 3; other tokens are ignored by the renormalization
+    logits[grade_ids[2]] = logits[grade_ids[3]] = 0.0
+    p, mass = p_relevant_from_logits(logits, answers)
+    assert p == pytest.approx(2.5 / 3) and mass == pytest.approx(1.0, abs=1e-6)
+    # a top-k map missing grades counts them at the floor, which pulls toward the middle, never away
+    p_top, _ = p_relevant_from_logprobs({grade_ids[3]: -0.1, grade_ids[0]: -3.0}, answers)
+    assert 2 / 3 < p_top < 1.0
+
+
+def test_yes_no_score_is_unchanged_by_the_generalization() -> None:
+    answers = AnswerTokens.yes_no((0,), (1,))
+    p, _ = p_relevant_from_logits([math.log(3.0), 0.0, -1000.0], answers)
+    assert p == pytest.approx(0.75)

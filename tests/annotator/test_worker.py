@@ -178,7 +178,7 @@ def test_only_ids_labels_and_model_metadata_leave_the_machine(tmp_path: Path) ->
     worker.run()
     assert len(server.labels) == 60
     secrets = {p["query"] for p in pairs} | {p["document"] for p in pairs} | {"secret"}
-    allowed_model = {"backend", "model_id", "quantization", "annotator_version"}
+    allowed_model = {"backend", "model_id", "quantization", "annotator_version", "prompt_version"}
     for request in server.requests:
         raw = request.url.raw_path + request.content + str(request.headers).encode()
         for secret in secrets:

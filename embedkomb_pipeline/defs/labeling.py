@@ -28,7 +28,13 @@ from embedkomb_pipeline.defs.resources import (
 from embedkomb_pipeline.defs.sources import source_pairs
 from embedkomb_pipeline.labeling.export import write_verified
 from embedkomb_pipeline.labeling.queue_feed import feed_queue, read_offset
-from embedkomb_pipeline.labeling.snapshots import contributor_kappas, pairwise_kappa, per_model_stats, pull_labels
+from embedkomb_pipeline.labeling.snapshots import (
+    contributor_kappas,
+    kappa_by_model_config,
+    pairwise_kappa,
+    per_model_stats,
+    pull_labels,
+)
 from embedkomb_pipeline.settings import default_data_dir
 from embedkomb_pipeline.sources.gold import HONEYPOT_SOURCES, build_gold_pairs
 
@@ -140,6 +146,7 @@ def labeled_pairs(
     labels = pl.read_parquet(snapshot.path)
     counted = labels.filter(~pl.col("quarantined"))
     kappa, n_doubled = pairwise_kappa(labels)
+    by_config = kappa_by_model_config(labels)
     pairs_of_labelers = contributor_kappas(labels, min_overlap=quality.min_pairs_for_kappa)
     worst = pairs_of_labelers[0] if pairs_of_labelers else None
     # Series.mean is annotated for every dtype; a Boolean column's mean is a float (None only if all are null)
@@ -161,6 +168,11 @@ def labeled_pairs(
             metadata={
                 "kappa_first_two_labels": kappa,
                 "pairs_with_two_labels": n_doubled,
+                # one model twice agrees by construction; only different configurations are independent evidence
+                "kappa_same_model_config": by_config["same_model_config"]["kappa"],
+                "pairs_same_model_config": by_config["same_model_config"]["pairs"],
+                "kappa_different_model_configs": by_config["different_model_configs"]["kappa"],
+                "pairs_different_model_configs": by_config["different_model_configs"]["pairs"],
                 "lowest_contributor_kappa": worst["kappa"] if worst else None,
                 "contributor_pairs": dg.MetadataValue.json(pairs_of_labelers),
                 "floor": quality.kappa_floor,

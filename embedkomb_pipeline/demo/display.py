@@ -152,6 +152,10 @@ class DemoSummary:
     export_distinct: int = 0
     disputed: int = 0
     kappa: float | None = None
+    kappa_same_config: float | None = None
+    pairs_same_config: int = 0
+    kappa_different_configs: float | None = None
+    pairs_different_configs: int = 0
     mean_agreement: float | None = None
     checks: dict[str, bool] = field(default_factory=dict)
     volunteers: list[dict[str, Any]] = field(default_factory=list)
@@ -199,6 +203,19 @@ def render_summary(s: DemoSummary, console: Console) -> None:
         f"agreement: Cohen's κ (first two labels of a pair) {number(s.kappa)}; mean agreement of verified pairs "
         f"{number(s.mean_agreement)}"
     )
+    if s.pairs_same_config:
+        # Honest about what the demo's agreement means: both volunteers run one deterministic model.
+        console.print(
+            f"  of which {s.pairs_same_config:,} pairs were labeled twice by the same model configuration "
+            f"(κ {number(s.kappa_same_config)}): one model's opinion twice, which catches broken or dishonest "
+            "volunteers but is no independent evidence about relevance"
+            + (
+                f"; {s.pairs_different_configs:,} pairs by two different models (κ {number(s.kappa_different_configs)})"
+                if s.pairs_different_configs
+                else "; no pair was labeled by two different models"
+            )
+            + ". How good the labels are is measured against humans and GPT-4o: `python -m bench.labeling`."
+        )
     if s.checks:
         console.print("checks: " + ", ".join(f"{k} {'[green]passed[/]' if v else '[red]failed[/]'}"
                                               for k, v in sorted(s.checks.items())))  # fmt: skip

@@ -373,7 +373,12 @@ class Cycle:
             meta = self.materialize(labeled_pairs, self.config.key)
             agreement = meta["_checks"].get("annotator_agreement")
             if agreement is not None:
-                self.summary.kappa = agreement.metadata["kappa_first_two_labels"].value
+                checked = agreement.metadata
+                self.summary.kappa = checked["kappa_first_two_labels"].value
+                self.summary.kappa_same_config = checked["kappa_same_model_config"].value
+                self.summary.pairs_same_config = checked["pairs_same_model_config"].value
+                self.summary.kappa_different_configs = checked["kappa_different_model_configs"].value
+                self.summary.pairs_different_configs = checked["pairs_different_model_configs"].value
             labels = pl.read_parquet(meta["path"])
             self.summary.snapshot_rows, self.summary.snapshot_distinct = labels.height, labels["label_id"].n_unique()
             st.detail = (

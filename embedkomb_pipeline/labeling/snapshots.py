@@ -118,19 +118,51 @@ def contributor_kappas(labels: pl.DataFrame, min_overlap: int = 10) -> list[dict
     return sorted(out, key=lambda row: (row["kappa"], row["contributor_a"], row["contributor_b"]))
 
 
-def pairwise_kappa(labels: pl.DataFrame) -> tuple[float | None, int]:
-    """κ between the first two contributors' labels on every pair labeled by two or more (quarantine excluded)."""
+# A label's model configuration: what makes two labels independent evidence or one opinion twice. The
+# annotator_version ends in the prompt version ("0.1.0+p1"), so it separates wordings too.
+MODEL_CONFIG = ("model_id", "quantization", "annotator_version")
+
+
+def _first_two_votes(labels: pl.DataFrame) -> pl.DataFrame:
+    """Per pair labeled by two or more contributors (quarantine excluded): the first two verdicts, and whether
+    they came from the same model configuration."""
     usable = (
         labels.filter(~pl.col("quarantined"))
         .sort("label_id")
         .unique(["pair_id", "contributor_id"], keep="first", maintain_order=True)
+        .with_columns(pl.concat_str([pl.col(c).fill_null("") for c in MODEL_CONFIG], separator="|").alias("config"))
     )
-    doubled = (
+    return (
         usable.group_by("pair_id", maintain_order=True)
-        .agg(pl.col("relevant").head(2).alias("votes"))
+        .agg(pl.col("relevant").head(2).alias("votes"), pl.col("config").head(2).alias("configs"))
         .filter(pl.col("votes").list.len() == 2)
+        .with_columns((pl.col("configs").list.get(0) == pl.col("configs").list.get(1)).alias("same_config"))
     )
+
+
+def _kappa_of(doubled: pl.DataFrame) -> float | None:
     if doubled.height == 0:
-        return None, 0
+        return None
     votes = doubled["votes"].to_list()
-    return cohens_kappa([v[0] for v in votes], [v[1] for v in votes]), doubled.height
+    return cohens_kappa([v[0] for v in votes], [v[1] for v in votes])
+
+
+def pairwise_kappa(labels: pl.DataFrame) -> tuple[float | None, int]:
+    """κ between the first two contributors' labels on every pair labeled by two or more (quarantine excluded)."""
+    doubled = _first_two_votes(labels)
+    return _kappa_of(doubled), doubled.height
+
+
+def kappa_by_model_config(labels: pl.DataFrame) -> dict[str, dict[str, float | int | None]]:
+    """The same κ, split by whether the two labels came from one model configuration or two.
+
+    Two copies of one deterministic model agree (κ 1.0) by construction: that checks the contributors (broken or
+    dishonest ones disagree), not the relevance. Only agreement between different configurations is
+    independent evidence about relevance.
+    """
+    doubled = _first_two_votes(labels)
+    out: dict[str, dict[str, float | int | None]] = {}
+    for key, same in (("same_model_config", True), ("different_model_configs", False)):
+        part = doubled.filter(pl.col("same_config") == same)
+        out[key] = {"kappa": _kappa_of(part), "pairs": part.height}
+    return out

@@ -116,6 +116,33 @@ def test_contributor_kappas_single_out_a_random_labeler() -> None:
     assert kappa == 1.0 and doubled == 20
 
 
+def test_agreement_is_split_by_model_configuration() -> None:
+    from embedkomb_pipeline.labeling.snapshots import kappa_by_model_config
+
+    rows, lid = [], 0
+    for i in range(20):
+        # contributors 1 and 2 run one model (they agree by construction); contributor 3 runs another
+        for contributor in (1, 2) if i < 12 else (1, 3):
+            lid += 1
+            rows.append((lid, f"p{i}", contributor, i % 2 == 0 if contributor != 3 else i % 4 < 2))
+    labels = _labels(rows).with_columns(
+        pl.when(pl.col("contributor_id") == 3).then(pl.lit("other/model")).otherwise(pl.lit("one/model"))
+        .alias("model_id"),
+        pl.lit("Q4_K_M").alias("quantization"),
+        pl.lit("0.1.0+p1").alias("annotator_version"),
+    )  # fmt: skip
+    split = kappa_by_model_config(labels)
+    assert split["same_model_config"] == {"kappa": 1.0, "pairs": 12}
+    assert split["different_model_configs"]["pairs"] == 8
+    assert split["different_model_configs"]["kappa"] == pytest.approx(0.0)
+    # the same model with another prompt wording is another configuration
+    reworded = labels.with_columns(
+        pl.when(pl.col("contributor_id") == 2).then(pl.lit("0.1.0+g1")).otherwise(pl.col("annotator_version"))
+        .alias("annotator_version")
+    )  # fmt: skip
+    assert kappa_by_model_config(reworded)["same_model_config"]["pairs"] == 0
+
+
 def test_gold_pairs_are_balanced_keyed_and_disjoint_between_uses(shared_data: Path) -> None:
     honey = build_gold_pairs(shared_data, HONEYPOT_SOURCES, per_source=20)
     qualification = build_gold_pairs(shared_data, QUALIFICATION_SOURCES, per_source=20)

@@ -61,8 +61,16 @@ class ModelFile:
     def min_memory_gb(self) -> float:
         return min_memory_gb(self.size_bytes)
 
-    def registry_entry(self, *, admitted: bool, qualification: Mapping[str, Any]) -> dict[str, Any]:
-        """The body item of PUT /api/v1/admin/models."""
+    def registry_entry(
+        self,
+        *,
+        admitted: bool,
+        qualification: Mapping[str, Any],
+        prompt_version: str = "p1",
+        calibration: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The body item of PUT /api/v1/admin/models: with the prompt wording the model's labels must use and the
+        calibration kombinat applies to their raw scores (None: the annotator's verdict counts as sent)."""
         return {
             "name": self.name,
             "backend": self.backend,
@@ -76,6 +84,8 @@ class ModelFile:
             "min_memory_gb": self.min_memory_gb,
             "admitted": admitted,
             "qualification": dict(qualification),
+            "prompt_version": prompt_version,
+            "calibration": dict(calibration) if calibration is not None else None,
         }
 
 

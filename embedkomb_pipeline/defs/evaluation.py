@@ -27,11 +27,12 @@ from embedkomb_pipeline.evaluation.harness import (
 )
 from embedkomb_pipeline.evaluation.qualification import (
     DEFAULT_MODELS_DIR,
+    DEFAULT_REFERENCE,
     assert_disjoint,
     candidate_from_path,
     offline_candidates,
     parse_sources,
-    qualification_gold,
+    qualification_pairs,
     qualified_registry_entry,
     qualify,
     report_markdown,
@@ -178,27 +179,37 @@ def mteb_scores(
 
 
 class QualificationConfig(dg.Config):
-    """Which models to qualify, on which gold set, and the admission bar.
+    """Which models to qualify, against which reference, on which judged pairs, and the admission bar.
 
     - models: offline model names of embedkomb_pipeline.offline_models (smollm2-135m, qwen2.5-coder-0.5b,
       qwen2.5-coder-1.5b); None: every one present in models_dir. model_paths: any other GGUF files.
-    - sources: gold sources "dataset:test[:min_grade]"; None: SciFact test + MS MARCO DL19 test (grade ≥ 2).
-    - pairs_per_source: gold pairs per source, half relevant (the 1.5B model labels ~0.4–1.6 pairs/s on 2 cores).
-    - kappa_min: κ (at the calibrated threshold, on the held-out part) a model needs to be admitted; the
-      mission's bar is 0.8, a demo may lower it, and the report says so.
-    - publish: write every model's entry (admitted or not) to kombinat's registry.
+    - reference: what a model must agree with — "gpt-4o" (default), "gpt-4", "human", or a labels/*.tsv file of
+      0-3 grades for the DL19 judged pool; κ against humans is reported either way.
+    - prompt_versions: the wordings to try (None: all the annotator knows); the best on the calibration queries
+      is the one the registry entry names.
+    - dl19_per_query / dl19_hard: pairs per DL19 query, of which the top mined (0: random only, no mining).
+    - sources: extra human-judged BEIR test sources "dataset:test[:min_grade]", reported beside DL19.
+    - kappa_min: κ against the reference a model needs to be admitted; the mission's bar is 0.8, a demo may lower
+      it, and the report says so.
+    - publish: write every model's entry (admitted or not, with its prompt version and calibration) to kombinat.
     """
 
     models: list[str] | None = None
     model_paths: list[str] = Field(default_factory=list)
     models_dir: str = str(DEFAULT_MODELS_DIR)
     data_dir: str | None = None  # None: EMBEDKOMB_DATA_DIR or ../shared/data
+    reference: str = DEFAULT_REFERENCE
+    prompt_versions: list[str] | None = None
+    dl19_per_query: int = 8
+    dl19_hard: int = 0
+    dl19_max_queries: int | None = None  # a quick look (tests): the first N queries only, never for admission
     sources: list[str] | None = None
     pairs_per_source: int = 40
-    calibration_fraction: float = 0.5
     kappa_min: float = 0.8
     publish: bool = True
     n_ctx: int = 2048
+    max_document_tokens: int = 384
+    resamples: int = 200
     threads: int | None = None
     seed: int = 0
 
@@ -210,8 +221,10 @@ class QualificationConfig(dg.Config):
         dg.AssetCheckSpec("model_admitted", asset="model_qualification", description="at least one model admitted")
     ],
     description=(
-        "Runs each candidate labeling model over human-judged gold pairs (test qrels, never honeypots), reports "
-        "accuracy, AUC and Cohen's κ, and admits to kombinat's registry only the models with κ ≥ kappa_min."
+        "Runs each candidate labeling model with every prompt version over the DL19 judged pool (human and "
+        "frontier-model labels), chooses its prompt and fits its calibration on half the queries, reports κ against "
+        "the reference and humans on the other half, and admits to kombinat's registry only the models with "
+        "κ ≥ kappa_min against the reference."
     ),
 )
 def model_qualification(
@@ -225,22 +238,36 @@ def model_qualification(
     if not candidates:
         raise dg.Failure(f"no candidate model: none of the offline models is in {config.models_dir} (make models)")
     sources = parse_sources(config.sources)
-    source_names = [f"{s.dataset}/qrels/{s.qrels_split} (grade ≥ {s.min_relevant_grade})" for s in sources]
+    source_names = [f"msmarco-dl19-judged ({config.dl19_per_query or 'all'} pairs per query, grade ≥ 2)"]
+    source_names += [f"{s.dataset}/qrels/{s.qrels_split} (grade ≥ {s.min_relevant_grade})" for s in sources]
     data_dir = config.data_dir or default_data_dir()
     if data_dir is None:
         raise dg.Failure("no BEIR data folder: set EMBEDKOMB_DATA_DIR or the data_dir config")
-    gold = qualification_gold(data_dir, sources, per_source=config.pairs_per_source, seed=config.seed)
+    gold = qualification_pairs(
+        data_dir,
+        reference=config.reference,
+        dl19_per_query=config.dl19_per_query,
+        dl19_hard=config.dl19_hard,
+        sources=sources,
+        per_source=config.pairs_per_source,
+        seed=config.seed,
+        cache_dir=lake.root / "qualification",
+        dl19_max_queries=config.dl19_max_queries,
+    )
     if lake.honeypots_path.exists():
         assert_disjoint(gold, pl.read_parquet(lake.honeypots_path, columns=["pair_id"])["pair_id"].to_list())
     reports = qualify(
         candidates,
         gold,
         lake.root / "qualification" / "scores",
+        reference=config.reference,
+        prompt_versions=config.prompt_versions,
         kappa_min=config.kappa_min,
-        calibration_fraction=config.calibration_fraction,
         seed=config.seed,
         n_ctx=config.n_ctx,
         threads=config.threads,
+        max_document_tokens=config.max_document_tokens,
+        resamples=config.resamples,
         log=context.log.info,
     )
     entries = [qualified_registry_entry(c, r, source_names) for c, r in zip(candidates, reports, strict=True)]
@@ -254,7 +281,7 @@ def model_qualification(
         lake.root / "qualification",
         source_names,
         config.kappa_min,
-        {"gold_pairs": len(gold), "published": config.publish},
+        {"gold_pairs": len(gold), "published": config.publish, "reference": config.reference},
     )
     admitted = [r.name for r in reports if r.admitted]
     if config.kappa_min < 0.8:
@@ -265,6 +292,7 @@ def model_qualification(
             "admitted": admitted,
             "tried": [r.name for r in reports],
             "kappa_min": config.kappa_min,
+            "reference": config.reference,
             "bar_lowered": config.kappa_min < 0.8,
             "gold_pairs": len(gold),
             "models": dg.MetadataValue.json([r.as_dict() for r in reports]),

@@ -82,6 +82,8 @@ class ModelScores:
     result_paths: dict[str, str]
     from_cache: dict[str, bool]
     seconds: float
+    # per task, mteb's saved top-ranked documents per query (only when evaluate_model was asked to keep them)
+    prediction_paths: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +92,7 @@ class ModelScores:
             "precision": self.precision,
             "tasks": self.tasks,
             "result_paths": self.result_paths,
+            "prediction_paths": self.prediction_paths,
             "from_cache": self.from_cache,
             "seconds": round(self.seconds, 1),
         }
@@ -371,9 +374,15 @@ def evaluate_model(
     precision: str = "fp32",
     batch_size: int = 64,
     overwrite: bool = False,
+    keep_predictions: bool = False,
     log: Callable[[str], None] = logger.info,
 ) -> ModelScores:
-    """Score one sentence-transformers folder on the tasks; results found in results_dir are not recomputed."""
+    """Score one sentence-transformers folder on the tasks; results found in results_dir are not recomputed.
+
+    keep_predictions: also keep mteb's ranked documents per query (under results_dir/predictions/<model>/<revision>/,
+    read by per_query_ndcg_at_10), which per-query statistics such as a paired bootstrap need; a task whose
+    results are cached without predictions is then evaluated again.
+    """
     import time
 
     import mteb
@@ -389,7 +398,12 @@ def evaluate_model(
     meta = model_meta_for(model_name, revision, precision)
     cache = mteb.ResultCache(cache_path=Path(results_dir))
     paths = {t.name: cache.get_task_result_path(t.name, meta) for t in tasks}
-    cached = {name: (not overwrite) and path.exists() for name, path in paths.items()}
+    prediction_folder = Path(results_dir) / "predictions" / meta.model_name_as_path() / revision
+    predictions = {t.name: prediction_folder / t.task.prediction_file_name for t in tasks} if keep_predictions else {}
+    cached = {
+        name: (not overwrite) and path.exists() and (name not in predictions or predictions[name].exists())
+        for name, path in paths.items()
+    }
     missing = [t for t in tasks if not cached[t.name]]
     results: dict[str, Any] = {name: TaskResult.from_disk(paths[name]) for name, hit in cached.items() if hit}
     if missing:
@@ -399,7 +413,9 @@ def evaluate_model(
             wrapper,
             [t.task for t in missing],
             cache=cache,
-            overwrite_strategy="always" if overwrite else "only-missing",
+            # only tasks without (complete) cached results are passed in, so each of them is computed anew
+            overwrite_strategy="always",
+            prediction_folder=prediction_folder if keep_predictions else None,
             encode_kwargs={"batch_size": batch_size, "show_progress_bar": False},
             show_progress_bar=False,
             co2_tracker=False,
@@ -419,7 +435,42 @@ def evaluate_model(
         result_paths={name: str(path) for name, path in paths.items()},
         from_cache=cached,
         seconds=time.perf_counter() - start,
+        prediction_paths={name: str(path) for name, path in predictions.items()},
     )
+
+
+def task_qrels(task: ResolvedTask) -> dict[str, dict[str, int]]:
+    """The judgments a task is scored against (as mteb reads them: queries with no relevant document dropped)."""
+    local = getattr(task.task, "folder", None)
+    if local is not None:
+        caps = getattr(task.task, "max_corpus", None), getattr(task.task, "max_queries", None)
+        _corpus, _queries, qrels = read_beir_split(local, EVAL_SPLIT, *caps)
+        return qrels
+    task.task.load_data()
+    relevant = task.task.dataset["default"][EVAL_SPLIT]["relevant_docs"]
+    return {q: dict(docs) for q, docs in relevant.items() if any(g > 0 for g in docs.values())}
+
+
+def per_query_ndcg_at_10(
+    predictions_path: str | os.PathLike[str], qrels: dict[str, dict[str, int]]
+) -> dict[str, float]:
+    """nDCG@10 of every judged query from mteb's saved predictions, computed as mteb computes it (trec_eval's
+    ndcg_cut.10 through pytrec_eval, graded gains), so their mean is the task's ndcg_at_10."""
+    import json
+
+    import pytrec_eval
+
+    saved = json.loads(Path(predictions_path).read_text())
+    runs = saved.get("default", {}).get(EVAL_SPLIT)
+    if runs is None:
+        raise EvaluationError(f"{predictions_path} holds no predictions for the {EVAL_SPLIT} split")
+    judged = {q: docs for q, docs in qrels.items() if any(g > 0 for g in docs.values())}
+    missing = [q for q in judged if q not in runs]
+    if missing:
+        raise EvaluationError(f"{predictions_path} lacks {len(missing)} judged queries (first: {missing[0]})")
+    run = {q: {d: float(score) for d, score in runs[q].items()} for q in judged}
+    evaluated = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.10"}).evaluate(run)
+    return {q: float(evaluated[q]["ndcg_cut_10"]) for q in judged}
 
 
 def _load_wrapper(model_dir: Path, meta: ModelMeta, precision: str) -> Any:

@@ -16,11 +16,12 @@ negatives and masks are small integer lists: the loss never needs a dense query 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import polars as pl
 
 from embedkomb_pipeline.ids import normalize_text, text_hash
@@ -89,6 +90,23 @@ class TrainingSet:
         if n_queries >= len(self.queries):
             return self
         keep = sorted(random.Random(seed).sample(range(len(self.queries)), n_queries))
+        return TrainingSet(
+            [self.query_ids[i] for i in keep],
+            [self.queries[i] for i in keep],
+            self.doc_ids,
+            self.documents,
+            [self.positives[i] for i in keep],
+            [self.hard_negatives[i] for i in keep],
+            [self.masked[i] for i in keep],
+            {**self.counts, "queries": len(keep)},
+            [self.n_source[i] for i in keep] if self.n_source else [],
+        )
+
+    def restricted_to(self, query_ids: Iterable[str]) -> TrainingSet:
+        """Only these queries (in the set's own order), the corpus kept whole: variants of one experiment train
+        on the same queries, and the exact softmax still runs over every document."""
+        wanted = set(query_ids)
+        keep = [i for i, q in enumerate(self.query_ids) if q in wanted]
         return TrainingSet(
             [self.query_ids[i] for i in keep],
             [self.queries[i] for i in keep],
@@ -250,3 +268,43 @@ def build_training_set(
         "masked_candidates": masked,
     }
     return ts
+
+
+def positive_aware_filter(
+    data: TrainingSet, encode: Callable[[list[str]], np.ndarray], margin: float = 0.95
+) -> TrainingSet:
+    """NV-Retriever's label-free false-negative filter (Moreira et al. 2024, "TopK-PercPos"): a hard negative whose
+    similarity to the query is above ``margin`` × the query's best positive similarity is taken for an unlabeled
+    positive. It stops being a negative and is masked instead, so it is not pushed away from the query through the
+    batch either. Similarities are cosines of ``encode`` (normalized embeddings of the base model, as the method
+    uses the model being fine-tuned before training).
+    """
+    if not 0 < margin <= 1:
+        raise ValueError(f"margin must be in (0, 1], got {margin}")
+    needed = sorted({d for q in range(len(data.queries)) for d in data.positives[q] + data.hard_negatives[q]})
+    row = {d: i for i, d in enumerate(needed)}
+    queries = encode(data.queries)
+    documents = encode([data.documents[d] for d in needed]) if needed else np.zeros((0, queries.shape[1]))
+    kept_negatives: list[list[int]] = []
+    masked: list[list[int]] = []
+    dropped = 0
+    for q in range(len(data.queries)):
+        similarity = documents[[row[d] for d in data.positives[q] + data.hard_negatives[q]]] @ queries[q]
+        n_pos = len(data.positives[q])
+        ceiling = margin * float(similarity[:n_pos].max()) if n_pos else float("inf")
+        keep = [d for d, s in zip(data.hard_negatives[q], similarity[n_pos:], strict=True) if s <= ceiling]
+        drop = [d for d in data.hard_negatives[q] if d not in set(keep)]
+        dropped += len(drop)
+        kept_negatives.append(keep)
+        masked.append(sorted(set(data.masked[q]) | set(drop)))
+    return TrainingSet(
+        data.query_ids,
+        data.queries,
+        data.doc_ids,
+        data.documents,
+        data.positives,
+        kept_negatives,
+        masked,
+        {**data.counts, "hard_negatives": sum(map(len, kept_negatives)), "positive_aware_dropped": dropped},
+        data.n_source,
+    )

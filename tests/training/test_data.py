@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from embedkomb_pipeline.ids import text_hash
 from embedkomb_pipeline.labeling.export import write_verified
 from embedkomb_pipeline.training.data import build_training_set, export_files
@@ -83,3 +85,43 @@ def test_later_cycles_unnormalized_text_and_new_queries(lake: Lake, tmp_path: Pa
     assert all(len(p) == k for p, k in zip(raw.positives, raw.n_source, strict=True))
     rq = raw.query_ids.index(text_hash(r["query"]))
     assert (d in raw.hard_negatives[rq]) and d not in raw.positives[rq]
+
+
+def test_restricted_to_keeps_the_whole_corpus_and_the_sets_own_order(lake: Lake) -> None:
+    ts = build_training_set([lake.source], export_files(lake.export_root, [SPLIT], "c000"), [lake.candidates])
+    wanted = [ts.query_ids[7], ts.query_ids[2], "not a query"]
+    sub = ts.restricted_to(wanted)
+    assert sub.query_ids == [ts.query_ids[2], ts.query_ids[7]] and sub.counts["queries"] == 2
+    assert sub.documents is ts.documents and sub.doc_ids is ts.doc_ids
+    assert sub.positives == [ts.positives[2], ts.positives[7]] and sub.masked == [ts.masked[2], ts.masked[7]]
+    assert sub.hard_negatives == [ts.hard_negatives[2], ts.hard_negatives[7]]
+
+
+def test_positive_aware_filter_masks_negatives_too_close_to_the_positive(lake: Lake) -> None:
+    import numpy as np
+
+    from embedkomb_pipeline.mining.embedding import DenseEncoder, default_base_model_path
+    from embedkomb_pipeline.training.data import positive_aware_filter
+
+    raw = build_training_set([lake.source], [], [lake.candidates]).unfiltered()
+    encoder = DenseEncoder(default_base_model_path(), precision="fp32")
+    encode = encoder.model.encode
+    filtered = positive_aware_filter(raw, lambda texts: encode(texts, normalize_embeddings=True), margin=0.95)
+    assert filtered.positives == raw.positives and filtered.queries == raw.queries
+    dropped = filtered.counts["positive_aware_dropped"]
+    assert 0 < dropped < sum(map(len, raw.hard_negatives)), "real data: some candidates are that close, not all"
+    q_emb = encode(raw.queries, normalize_embeddings=True)
+    d_emb = encode(raw.documents, normalize_embeddings=True)
+    for q in range(len(raw.queries)):
+        ceiling = 0.95 * max(float(d_emb[d] @ q_emb[q]) for d in raw.positives[q])
+        for d in raw.hard_negatives[q]:
+            close = float(d_emb[d] @ q_emb[q]) > ceiling + 1e-5
+            far = float(d_emb[d] @ q_emb[q]) < ceiling - 1e-5
+            assert not close or (d in filtered.masked[q] and d not in filtered.hard_negatives[q])
+            assert not far or (d in filtered.hard_negatives[q] and d not in filtered.masked[q])
+    # margin 1.0 drops only negatives more similar than the positive itself
+    strict = positive_aware_filter(raw, lambda texts: encode(texts, normalize_embeddings=True), margin=1.0)
+    assert strict.counts["positive_aware_dropped"] < dropped
+    assert np.isfinite(q_emb).all()
+    with pytest.raises(ValueError, match="margin"):
+        positive_aware_filter(raw, lambda texts: encode(texts), margin=0)

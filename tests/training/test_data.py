@@ -125,3 +125,32 @@ def test_positive_aware_filter_masks_negatives_too_close_to_the_positive(lake: L
     assert np.isfinite(q_emb).all()
     with pytest.raises(ValueError, match="margin"):
         positive_aware_filter(raw, lambda texts: encode(texts), margin=0)
+
+
+def test_every_variant_sees_the_same_queries_and_candidates_treated_its_own_way(lake: Lake) -> None:
+    from embedkomb_pipeline.training.variants import VARIANTS, Hyperparameters, train_config, training_data
+
+    labeled = build_training_set([lake.source], export_files(lake.export_root, [SPLIT], "c000"), [lake.candidates])
+    unlabeled = build_training_set([lake.source], [], [lake.candidates])
+
+    def encode(texts: list[str]):  # a stand-in that puts every text at the same point: all candidates "close"
+        import numpy as np
+
+        return np.ones((len(texts), 4)) / 2.0
+
+    data = {name: training_data(name, labeled, unlabeled, encode) for name in list(VARIANTS)[1:]}
+    assert all(d.queries == labeled.queries for d in (data["infonce_labels"], data["exact_masked"]))
+    assert data["infonce_labels"] is data["exact_labels"] is labeled
+    assert data["exact_masked"] is unlabeled and not any(unlabeled.hard_negatives)
+    assert sum(map(len, data["unfiltered"].hard_negatives)) == len(lake.candidate_rows)
+    assert not any(data["positive_aware"].hard_negatives)  # equal similarity: above 95% of the positive's
+    hp = Hyperparameters(steps=10, batch_size=8)
+    infonce, exact = train_config("unfiltered", hp, 3, 40), train_config("exact_labels", hp, 3, 40)
+    assert (infonce.loss, infonce.phases, infonce.max_steps_per_phase) == ("infonce", 1, 10)
+    assert (exact.loss, exact.phases, exact.max_steps_per_phase) == ("exact", 2, 5)
+    assert infonce.epochs_per_phase * 40 >= 10 * 8 and infonce.seed == exact.seed == 3
+    assert infonce.lr == exact.lr and infonce.batch_size == exact.batch_size
+    with pytest.raises(ValueError, match="no training data for variant 'base'"):
+        training_data("base", labeled, unlabeled, encode)
+    with pytest.raises(ValueError, match="not trained"):
+        train_config("base", hp, 0, 40)

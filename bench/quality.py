@@ -1,270 +1,308 @@
-"""Retrieval quality after fine-tuning: nDCG@10 on the held-out SciFact test claims (300 queries, human qrels).
+"""The proof: do models trained on verified labels beat models trained on unfiltered or label-free filtered negatives?
 
-Training data is the pipeline's sample split, scifact_title_abstract (paper titles → their abstracts), with BM25
-(bm25s) top-k candidates per title mined as the pipeline's mining stage would. Verified labels: the top
-`--label-candidates` candidates of `--label-queries` titles are labeled by each of `--label-models` (the offline
-GGUFs, through the annotator's own llama.cpp backend and prompt: one forward pass, P(yes) vs P(no)), and a pair is
-verified when every model gives the same verdict at P ≥ 0.5 — kombinat's rule (≥ 2 independent labelers agree),
-with models in place of volunteers. Labeling every one of the ~50k candidates would take hours on 2 cores, so the
-rest stay *unverified*. The variants differ in what they do with the candidates:
+    flock /tmp/embedkomb-bench.lock .venv/bin/python -m bench.quality                  # every variant, 3 seeds (hours)
+    .venv/bin/python -m bench.quality --report-only                                  # the table from runs so far
+    .venv/bin/python -m bench.quality --seeds 0 --steps 4 --max-corpus 300 --max-queries 20 --out /tmp/q  # a look
 
-  (a) base        all-MiniLM-L6-v2 as shipped;
-  (b) unfiltered  InfoNCE with the mined candidates as hard negatives (what hard-negative mining does unlabeled);
-  (c) infonce     InfoNCE, verified-relevant candidates as positives, verified non-relevant as hard negatives,
-                  unverified candidates masked out of the denominator;
-  (d) exact       the same labels, exact softmax over the whole corpus cache with coordinate ascent.
+Training data: the sample splits (SciFact and NFCorpus titles → abstracts) with the candidates mined as the
+pipeline mines them, and the offline labels of `bench.training_labels` (the best labeler, its prompt version and
+calibration; bench/results/training_labels/labels.parquet). Every variant trains on the labeled queries only, over
+the same candidates (those labeled), from all-MiniLM-L6-v2, with the same steps, batch and lr
+(embedkomb_pipeline/training/variants.py says what each does):
 
-All trained variants start from (a) and get the same number of optimizer steps, batch, lr (1e-4), temperature
-and sequence length. Evaluation: exact cosine search over the whole SciFact corpus (title + " " + text, as MTEB
-builds it), binary qrels, nDCG@10 computed here; (a) should reproduce MTEB's published 64.51 up to precision.
-Caveat: the titles and abstracts are SciFact's own corpus, so training sees the evaluation documents (never
-the test claims or their judgments) — as a domain split would in the pipeline.
+  base, unfiltered, positive_aware (NV-Retriever's label-free 95% filter), infonce_labels, exact_labels,
+  exact_masked (every candidate masked, no labels: is it the labels or the masking?)
 
-    flock -x /tmp/embedkomb-cpu.lock .venv/bin/python -m bench.quality --steps 40
+Evaluation through the project's mteb harness on local folders: SciFact test, NFCorpus test and the TREC DL19 judged
+pool as a retrieval task (43 queries over 9,139 judged passages, graded qrels). Caveat: SciFact's and NFCorpus's
+documents are in the training corpus (as a domain split's would be; never their test queries or judgments); DL19
+shares nothing with training. Reported: nDCG@10 mean ± std over seeds per task and averaged over tasks, and a
+paired bootstrap over queries (macro over tasks) of exact_labels against unfiltered and against positive_aware.
+
+Each (variant, seed) run is appended to --out/runs.jsonl with its per-query scores as it finishes, so a stopped run
+goes on where it was; a run made with other settings is never mixed in. Results: --out/results.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
+import shutil
+import statistics
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-REPO = Path(__file__).resolve().parents[1]
+import polars as pl
+
+from embedkomb_pipeline.evaluation.comparison import paired_bootstrap
+from embedkomb_pipeline.labeling.offline_labels import OfflineLabelError, read_offline_labels, verified_rows
+from embedkomb_pipeline.settings import default_data_dir
+from embedkomb_pipeline.training.variants import VARIANTS, Hyperparameters, train_config, training_data
 
 if TYPE_CHECKING:
-    from embedkomb_pipeline.sources.beir import BeirDataset
     from embedkomb_pipeline.training.data import TrainingSet
 
-
-def ndcg_at_10(ranked: list[list[str]], qids: list[str], qrels: dict[str, dict[str, int]]) -> float:
-    total = 0.0
-    for qid, docs in zip(qids, ranked, strict=True):
-        rel = qrels[qid]
-        dcg = sum((2 ** rel.get(d, 0) - 1) / math.log2(i + 2) for i, d in enumerate(docs[:10]))
-        ideal = sorted(rel.values(), reverse=True)[:10]
-        idcg = sum((2**g - 1) / math.log2(i + 2) for i, g in enumerate(ideal))
-        total += dcg / idcg if idcg else 0.0
-    return total / len(qids)
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_LABELS = REPO / "bench" / "results" / "training_labels" / "labels.parquet"
+DEFAULT_TASKS = ("scifact", "nfcorpus", "msmarco-dl19-judged")
+COMPARISONS = (("exact_labels", "unfiltered"), ("exact_labels", "positive_aware"), ("infonce_labels", "unfiltered"),
+               ("exact_labels", "exact_masked"), ("exact_labels", "base"))  # fmt: skip
 
 
-def evaluate(model_dir: Path, beir: BeirDataset, batch_size: int = 64, precision: str = "fp32") -> float:
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    qrels = beir.judged("test")
-    qids = [q for q in qrels if q in beir.queries]
-    doc_ids = list(beir.corpus)
-    docs = [(beir.corpus[d].title + " " + beir.corpus[d].text).strip() for d in doc_ids]
-    model = SentenceTransformer(str(model_dir), device=None, local_files_only=True)
-    if precision == "bf16":  # 1.5-3x faster on CPUs with AVX512-BF16 (bench/mining.py); scores move slightly
-        model.to(torch.bfloat16)
-    kw = {"batch_size": batch_size, "convert_to_tensor": True, "normalize_embeddings": True, "show_progress_bar": False}
-    d = model.encode(docs, **kw).float().cpu()
-    q = model.encode([beir.queries[x] for x in qids], **kw).float().cpu()
-    top = torch.topk(q @ d.T, 10, dim=1).indices.tolist()
-    return ndcg_at_10([[doc_ids[j] for j in row] for row in top], qids, qrels)
-
-
-def verify_by_agreement(
-    candidates: Path,
-    source: Path,
-    models: list[Path],
-    n_queries: int,
-    per_query: int,
-    out: Path,
-    seed: int = 0,
-    threads: int | None = None,
-) -> dict[str, float]:
-    """Label the top candidates of n random titles with every model; write the pairs they all agree on as a
-    verified export file (the columns the training-set builder reads). Returns counts and timings."""
-    import random
-
-    import polars as pl
-
-    from annotator.backends.base import Pair, order_pairs
-    from annotator.backends.llama_cpp import LlamaCppBackend
-
-    shard = pl.read_parquet(candidates).filter(pl.col("rank") <= per_query)
-    texts = pl.read_parquet(source)
-    queries = dict(zip(texts["query_id"], texts["query"], strict=True))
-    documents = dict(zip(texts["doc_id"], texts["document"], strict=True))
-    chosen = set(
-        random.Random(seed).sample(sorted(set(shard["query_id"])), min(n_queries, shard["query_id"].n_unique()))
-    )
-    rows = [r for r in shard.iter_rows(named=True) if r["query_id"] in chosen]
-    pairs = [Pair(r["pair_id"], queries[r["query_id"]], documents[r["doc_id"]]) for r in rows]
-    verdicts: dict[str, list[bool]] = {p.pair_id: [] for p in pairs}
-    probabilities: dict[str, list[float]] = {p.pair_id: [] for p in pairs}
-    stats: dict[str, float] = {"labeled_pairs": len(pairs)}
-    for model in models:
-        t0 = time.perf_counter()
-        backend = LlamaCppBackend(model, n_ctx=1024, max_document_tokens=384, n_threads=threads)
-        for done, score in enumerate(backend.score_pairs(order_pairs(pairs)), start=1):
-            verdicts[score.pair_id].append(score.p_relevant >= 0.5)
-            probabilities[score.pair_id].append(score.p_relevant)
-            if done % 20 == 0:
-                print(f"  {model.name}: {done}/{len(pairs)} pairs, {time.perf_counter() - t0:.0f} s", flush=True)
-        backend.close()
-        seconds = time.perf_counter() - t0
-        stats[f"{model.stem}_pairs_per_s"] = round(len(pairs) / seconds, 2)
-        stats[f"{model.stem}_relevant_share"] = round(sum(v[-1] for v in verdicts.values()) / len(pairs), 3)
-        print(f"  labeled {len(pairs)} pairs with {model.name} in {seconds:.0f} s", flush=True)
-    agreed = [(p, v[0]) for p in pairs if len(set(v := verdicts[p.pair_id])) == 1]
-    stats["verified"] = len(agreed)
-    stats["verified_relevant"] = sum(label for _, label in agreed)
-    pl.DataFrame(
-        {
-            "query": [p.query for p, _ in agreed],
-            "document": [p.document for p, _ in agreed],
-            "label": [label for _, label in agreed],
-            "p_relevant": [sum(probabilities[p.pair_id]) / len(models) for p, _ in agreed],
-            "status": ["verified"] * len(agreed),
-            "split": ["scifact_title_abstract"] * len(agreed),
+def settings_of(args: argparse.Namespace, labels: pl.DataFrame, hp: Hyperparameters) -> dict[str, Any]:
+    """What a run's scores depend on: a stored run counts only under the very same settings."""
+    return {
+        "hyperparameters": asdict(hp),
+        "labels": {
+            "pairs": labels.height,
+            "labeler": labels["labeler"][0],
+            "prompt": labels["prompt_version"][0],
+            "calibration": labels["calibration"][0],
         },
-        schema={"query": pl.String, "document": pl.String, "label": pl.Boolean, "p_relevant": pl.Float64,
-                "status": pl.String, "split": pl.String},
-    ).write_parquet(out)  # fmt: skip
-    return stats
+        "tasks": list(args.tasks),
+        "max_corpus": args.max_corpus,
+        "max_queries": args.max_queries,
+        "eval_precision": args.eval_precision,
+        "mine_top_k": args.mine_top_k,
+    }
 
 
-def build_training_set(
-    data_dir: Path,
-    top_k: int,
-    work: Path,
-    label_models: list[Path],
-    label_queries: int,
-    label_candidates: int,
-    label_threads: int | None = None,
-) -> tuple[TrainingSet, dict[str, float]]:
-    import bm25s
-    import polars as pl
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def read_runs(path: Path, settings: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    other = 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            run = json.loads(line)
+            if run["settings"] == settings:
+                runs[(run["variant"], run["seed"])] = run
+            else:
+                other += 1
+    if other:
+        print(f"{path}: {other} run(s) made with other settings (labels, steps, tasks, ...) are left out", flush=True)
+    return runs
 
-    from embedkomb_pipeline.mining.retrieval import CANDIDATE_SCHEMA
-    from embedkomb_pipeline.sources.pairs import iter_sample_split, write_source_pairs
-    from embedkomb_pipeline.training.data import build_training_set as build
 
-    source = work / "source.parquet"
-    write_source_pairs(iter_sample_split("scifact_title_abstract", data_dir), "scifact_title_abstract", source)
-    frame = pl.read_parquet(source)
-    queries, docs = frame["query"].to_list(), frame["document"].to_list()
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(docs, stopwords="en", show_progress=False), show_progress=False)
-    hits, _scores = retriever.retrieve(
-        bm25s.tokenize(queries, stopwords="en", show_progress=False), k=top_k + 1, show_progress=False
-    )
-    qid, did = frame["query_id"].to_list(), frame["doc_id"].to_list()
-    cols: dict[str, list] = {name: [] for name in CANDIDATE_SCHEMA.names}
-    for i, row in enumerate(hits):
-        kept = [int(j) for j in row if did[int(j)] != did[i]][:top_k]
-        for rank, j in enumerate(kept, start=1):
-            for name, value in (
-                ("pair_id", f"{i}-{j}"), ("query_id", qid[i]), ("doc_id", did[j]), ("split", "scifact_title_abstract"),
-                ("cycle", "c000"), ("bm25_rank", rank), ("dense_rank", None), ("rrf_score", 1 / (60 + rank)),
-                ("rank", rank),
-            ):  # fmt: skip
-                cols[name].append(value)
-    candidates = work / "candidates.parquet"
-    pq.write_table(pa.table(cols, schema=CANDIDATE_SCHEMA), candidates)
-    if not label_models:
-        return build([source], [], [candidates]), {}
+def build_sets(args: argparse.Namespace, labels: pl.DataFrame, work: Path) -> tuple[TrainingSet, TrainingSet]:
+    """(labeled, unlabeled) TrainingSets over the labeled queries and candidates."""
+    from bench.training_labels import prepare_split
+    from embedkomb_pipeline.training.data import build_training_set
+
+    sources, candidate_files = [], []
+    for split in sorted(labels["split"].unique()):
+        source, candidates = prepare_split(split, Path(args.data), args.label_work, args.mine_top_k)
+        sources.append(source)
+        labeled = pl.read_parquet(candidates).filter(pl.col("pair_id").is_in(labels["pair_id"].implode()))
+        path = work / f"candidates-labeled-{split}.parquet"
+        labeled.write_parquet(path)
+        candidate_files.append(path)
     verified = work / "verified.parquet"
-    stats = verify_by_agreement(
-        candidates, source, label_models, label_queries, label_candidates, verified, threads=label_threads
-    )
-    return build([source], [verified], [candidates]), stats
+    verified_rows(labels, sources).write_parquet(verified)
+    queries = labels["query_id"].unique().to_list()
+    with_labels = build_training_set(sources, [verified], candidate_files).restricted_to(queries)
+    without = build_training_set(sources, [], candidate_files).restricted_to(queries)
+    return with_labels, without
 
 
-def main() -> None:
+def base_encoder(base: Path) -> Callable[[list[str]], Any]:
+    """Normalized embeddings of the base model, loaded on first use (only the positive-aware filter needs it)."""
+    loaded: list[Any] = []
+
+    def encode(texts: list[str]) -> Any:
+        if not loaded:
+            from sentence_transformers import SentenceTransformer
+
+            loaded.append(SentenceTransformer(str(base), device=None, local_files_only=True))
+        return loaded[0].encode(texts, normalize_embeddings=True, batch_size=64, show_progress_bar=False)
+
+    return encode
+
+
+def run_one(
+    variant: str, seed: int, args: argparse.Namespace, hp: Hyperparameters, sets: tuple, tasks: list, work: Path
+) -> dict[str, Any]:
+    from embedkomb_pipeline.evaluation.harness import evaluate_model, per_query_ndcg_at_10, task_qrels
+    from embedkomb_pipeline.mining.embedding import default_base_model_path
+    from embedkomb_pipeline.training.coordinate_ascent import TowerTrainer
+
+    base = default_base_model_path()
+    started = time.perf_counter()
+    train_seconds, counts = 0.0, {}
+    model_dir = base
+    if variant != "base":
+        data = training_data(variant, *sets, encode=base_encoder(base))
+        counts = data.counts
+        trainer = TowerTrainer(base, data, train_config(variant, hp, seed, len(data.queries)))
+        trainer.train(log=lambda m: print(f"  {variant} s{seed}: {m}", flush=True), track_objective=False)
+        model_dir = trainer.save(work / "models" / f"{variant}-s{seed}")["model"]
+        train_seconds = time.perf_counter() - started
+        del trainer
+    scores = evaluate_model(
+        model_dir, tasks, work / "mteb", f"embedkomb-quality/{variant}-s{seed}", precision=args.eval_precision,
+        keep_predictions=True, log=lambda m: print(f"  {m}", flush=True),
+    )  # fmt: skip
+    per_query = {t.name: per_query_ndcg_at_10(scores.prediction_paths[t.name], task_qrels(t)) for t in tasks}
+    if variant != "base":
+        shutil.rmtree(work / "models" / f"{variant}-s{seed}", ignore_errors=True)  # ~90 MB each; scores are kept
+    return {
+        "variant": variant,
+        "seed": seed,
+        "ndcg_at_10": {t: round(v["ndcg_at_10"], 5) for t, v in scores.tasks.items()},
+        "per_query": {t: {q: round(v, 5) for q, v in pq.items()} for t, pq in per_query.items()},
+        "training_set": counts,
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def report(runs: dict[tuple[str, int], dict[str, Any]], variants: list[str], settings: dict, resamples: int) -> dict:
+    tasks = settings["tasks_resolved"]
+    table = []
+    for variant in variants:
+        seeds = sorted(s for v, s in runs if v == variant)
+        if not seeds:
+            continue
+        row: dict[str, Any] = {"variant": variant, "seeds": seeds, "summary": VARIANTS[variant].summary}
+        for task in [*tasks, "mean"]:
+            values = [
+                statistics.fmean(runs[(variant, s)]["ndcg_at_10"][t] for t in tasks) if task == "mean"
+                else runs[(variant, s)]["ndcg_at_10"][task]
+                for s in seeds
+            ]  # fmt: skip
+            row[task] = {"mean": round(statistics.fmean(values), 5),
+                         "std": round(statistics.stdev(values), 5) if len(values) > 1 else 0.0}  # fmt: skip
+        row["train_seconds"] = round(statistics.fmean(runs[(variant, s)]["train_seconds"] for s in seeds), 1)
+        table.append(row)
+    comparisons = []
+    for a, b in COMPARISONS:
+        seeds_a = sorted(s for v, s in runs if v == a)
+        seeds_b = sorted(s for v, s in runs if v == b)
+        if not seeds_a or not seeds_b:
+            continue
+
+        def per_query(variant: str, seeds: list[int]) -> dict[str, dict[str, list[float]]]:
+            return {t: {q: [runs[(variant, s)]["per_query"][t][q] for s in seeds]
+                        for q in runs[(variant, seeds[0])]["per_query"][t]} for t in tasks}  # fmt: skip
+
+        result = paired_bootstrap(per_query(a, seeds_a), per_query(b, seeds_b), resamples=resamples)
+        comparisons.append({"a": a, "b": b, "seeds_a": seeds_a, "seeds_b": seeds_b, **result.as_dict()})
+    return {"table": table, "comparisons": comparisons}
+
+
+def markdown(results: dict) -> str:
+    tasks = results["settings"]["tasks_resolved"]
+    hp = results["settings"]["hyperparameters"]
+    lines = [
+        f"Training-data quality ({results['generated_at']}; `{results['command']}`)",
+        "",
+        f"all-MiniLM-L6-v2 fine-tuned on {results['training_queries']} labeled queries "
+        f"({results['settings']['labels']['pairs']} labeled candidates, {results['settings']['labels']['labeler']}/"
+        f"{results['settings']['labels']['prompt']}); {hp['steps']} steps, batch {hp['batch_size']}, lr {hp['lr']}, "
+        f"max_seq_length {hp['max_seq_length']}. nDCG@10 × 100, mean ± std over seeds.",
+        "",
+        "| variant | seeds | " + " | ".join(tasks) + " | mean | train s |",
+        "|---|---|" + "---|" * len(tasks) + "---|---|",
+    ]
+    for row in results["table"]:
+        cells = [f"{100 * row[t]['mean']:.2f} ± {100 * row[t]['std']:.2f}" for t in [*tasks, "mean"]]
+        lines.append(
+            f"| {row['variant']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {row['train_seconds']} |"
+        )
+    if results["comparisons"]:
+        lines += [
+            "",
+            "Paired bootstrap over queries (per-query nDCG@10 averaged over seeds, macro over tasks; "
+            f"{results['settings']['resamples']} resamples):",
+            "",
+            "| A − B | difference × 100 | 95% CI | P(A not better) | " + " | ".join(tasks) + " |",
+            "|---|---|---|---|" + "---|" * len(tasks),
+        ]
+        for c in results["comparisons"]:
+            per_task = " | ".join(f"{100 * c['per_task'][t]:+.2f}" for t in tasks)
+            lines.append(
+                f"| {c['a']} − {c['b']} | {100 * c['difference']:+.2f} | "
+                f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}] | {c['p_not_better']:.4f} | {per_task} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(
         prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per trained variant")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-seq-length", type=int, default=128)
-    parser.add_argument("--top-k", type=int, default=10, help="mined candidates per title")
-    parser.add_argument("--variants", default="base,unfiltered,infonce,exact")
-    parser.add_argument(
-        "--data-dir", default=os.environ.get("EMBEDKOMB_DATA_DIR", str(REPO.parent / "shared" / "data"))
-    )
-    parser.add_argument("--eval-precision", choices=["fp32", "bf16", "auto"], default="fp32")
-    parser.add_argument(
-        "--label-models",
-        default="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf,qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-        help="GGUF files under models/ (make models) that verify candidates by agreement; '' for none",
-    )
-    parser.add_argument("--label-queries", type=int, default=200, help="titles whose candidates get labeled")
-    parser.add_argument("--label-candidates", type=int, default=2, help="top candidates labeled per such title")
-    parser.add_argument(
-        "--label-threads", type=int, default=None, help="llama.cpp threads (default: every core; 1 on a busy machine)"
-    )
-    parser.add_argument("--out", default=None, help="keep the trained models here (default: a temporary folder)")
+    parser.add_argument("--labels", type=Path, default=DEFAULT_LABELS, help="bench.training_labels' label file")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=Hyperparameters.steps, help="optimizer steps per trained variant")
+    parser.add_argument("--batch-size", type=int, default=Hyperparameters.batch_size)
+    parser.add_argument("--lr", type=float, default=Hyperparameters.lr)
+    parser.add_argument("--max-seq-length", type=int, default=Hyperparameters.max_seq_length)
+    parser.add_argument("--tasks", nargs="*", default=list(DEFAULT_TASKS), help="BEIR folders under --data")
+    parser.add_argument("--max-corpus", type=int, default=None, help="a quick look: cap every task's corpus")
+    parser.add_argument("--max-queries", type=int, default=None, help="a quick look: cap every task's queries")
+    parser.add_argument("--eval-precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--mine-top-k", type=int, default=20, help="as bench.training_labels mined them")
+    parser.add_argument("--data", type=Path, default=default_data_dir())
+    parser.add_argument("--label-work", type=Path, default=REPO / ".bench" / "training_labels",
+                        help="bench.training_labels' work folder (source pairs, candidates)")  # fmt: skip
+    parser.add_argument("--work", type=Path, default=REPO / ".bench" / "quality", help="models, mteb results")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality")
+    parser.add_argument("--resamples", type=int, default=10_000)
+    parser.add_argument("--report-only", action="store_true", help="train nothing: report the runs so far")
     args = parser.parse_args()
 
-    import tempfile
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if args.data is None:
+        parser.error("no data folder: pass --data or set EMBEDKOMB_DATA_DIR")
+    try:
+        labels = read_offline_labels(args.labels)
+    except OfflineLabelError as error:
+        parser.error(f"{error} (run `python -m bench.training_labels` first)")
+    if labels.is_empty():
+        parser.error(f"{args.labels} holds no labels yet")
+    hp = Hyperparameters(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_seq_length=args.max_seq_length)
+    settings = settings_of(args, labels, hp)
+    runs_file = args.out / "runs.jsonl"
+    runs = read_runs(runs_file, settings)
 
-    import torch
+    from embedkomb_pipeline.evaluation.harness import resolve_tasks
 
-    from embedkomb_pipeline.mining.embedding import default_base_model_path, default_precision
-    from embedkomb_pipeline.sources.beir import load_beir
-    from embedkomb_pipeline.training.coordinate_ascent import TowerTrainer, TrainConfig
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = default_precision() if args.eval_precision == "auto" else args.eval_precision
-    print(f"device: {device}, evaluation in {precision}", flush=True)
-    beir = load_beir(Path(args.data_dir) / "scifact")
-    base = default_base_model_path()
-    work = Path(args.out or tempfile.mkdtemp(prefix="bench-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
-    label_models = [REPO / "models" / name for name in args.label_models.split(",") if name]
-    missing = [str(p) for p in label_models if not p.is_file()]
-    if missing:
-        parser.error(f"labeling models not found: {', '.join(missing)} (run `make models`, or pass --label-models '')")
-    data, label_stats = build_training_set(
-        Path(args.data_dir) / "scifact",
-        args.top_k,
-        work,
-        label_models,
-        args.label_queries,
-        args.label_candidates,
-        args.label_threads,
-    )
-    print(f"verification: {label_stats}", flush=True)
-    print(f"training set: {data.counts}", flush=True)
-    common = {"batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "lr": 1e-4, "seed": 0}
-    results = {}
-    for variant in args.variants.split(","):
-        t0 = time.perf_counter()
-        if variant == "base":
-            model_dir = base
-        else:
-            if variant == "exact":
-                # two phases (query tower, then document tower, cache re-encoded), the same total steps
-                config = TrainConfig(
-                    loss="exact", phases=2, epochs_per_phase=1.0, max_steps_per_phase=args.steps // 2, **common
-                )
-                variant_data = data
-            else:
-                config = TrainConfig(loss="infonce", phases=1, epochs_per_phase=1.0, max_steps_per_phase=args.steps,
-                                     hard_negatives_per_query=1, **common)  # fmt: skip
-                variant_data = data.unfiltered() if variant == "unfiltered" else data
-            trainer = TowerTrainer(base, variant_data, config)
-            trainer.train(log=lambda m: print("  " + m, flush=True), track_objective=False)
-            model_dir = trainer.save(work / variant)["model"]
-            del trainer
-        train_seconds = time.perf_counter() - t0
-        score = evaluate(model_dir, beir, precision=precision)
-        results[variant] = {"ndcg@10": round(score, 4), "seconds": round(time.perf_counter() - t0, 1),
-                            "train_seconds": round(train_seconds, 1)}  # fmt: skip
-        print(f"{variant:12} nDCG@10 {score:.4f}  ({results[variant]['seconds']} s)", flush=True)
-    print(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "verification": label_stats,
-                      "training_set": data.counts, "results": results}))  # fmt: skip
+    tasks = resolve_tasks(args.tasks, args.data, source="local", max_corpus=args.max_corpus,
+                          max_queries=args.max_queries)  # fmt: skip
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sets = None
+    if not args.report_only:
+        sets = build_sets(args, labels, args.work)
+        print(f"training set with labels: {sets[0].counts}", flush=True)
+        todo = [(v, s) for v in args.variants for s in ([0] if v == "base" else args.seeds) if (v, s) not in runs]
+        print(f"{len(todo)} runs to do ({len(runs)} done with these settings)", flush=True)
+        for variant, seed in todo:
+            run = run_one(variant, seed, args, hp, sets, tasks, args.work)
+            runs[(variant, seed)] = {**run, "settings": settings}
+            with runs_file.open("a") as handle:
+                handle.write(json.dumps(runs[(variant, seed)]) + "\n")
+            print(f"{variant} s{seed}: {run['ndcg_at_10']} ({run['seconds']} s)", flush=True)
+    settings["tasks_resolved"] = [t.name for t in tasks]
+    settings["resamples"] = args.resamples
+    results = {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": "python -m bench.quality " + " ".join(sys.argv[1:]),
+        "settings": settings,
+        "training_queries": labels["query_id"].n_unique(),
+        **report(runs, args.variants, settings, args.resamples),
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "results.md").write_text(markdown(results))
+    print(markdown(results), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -50,7 +50,7 @@ class Hyperparameters:
     steps: int = 60
     batch_size: int = 32
     lr: float = 1e-4  # the recipe the pipeline trains with (defs/training.py)
-    max_seq_length: int = 256
+    max_seq_length: int = 128  # a training window (2x faster than 256 on CPU); saved models keep the base's
     temperature: float = 0.05
     hard_negatives_per_query: int = 1
     cache_precision: str = "fp32"

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 
 from kombinat_api import __version__, queue
 from kombinat_api.db import make_engine, make_hot_pool
@@ -17,6 +18,7 @@ from kombinat_api.limits import BodySizeLimit
 from kombinat_api.routes import admin, auth, models, public, work
 from kombinat_api.settings import Settings
 from kombinat_api.upkeep import run_upkeep
+from kombinat_api.validation import validation_error_handler
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -71,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # 422 bodies that are always JSON, whatever the offending input was (validation.py)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
     # Immutable per batch, so safe to keep per process: a replica that has not seen a batch reads it once.
     app.state.batch_models = queue.BatchModelCache()
     app.add_middleware(BodySizeLimit, default_limit=settings.max_body_bytes, admin_limit=settings.max_admin_body_bytes)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kombinat_api.calibration import Calibration
+from kombinat_api.validation import BIGINT_MAX, Bool, DoubleFloat, Int, JsonObject, RealFloat, Text
 
 Backend = Literal["llama_cpp", "vllm", "mlx"]
 # The prompt wording a model's labels are made with ("p1", "g1", "r1", ...): scores from different wordings are
@@ -24,14 +25,14 @@ class Strict(BaseModel):
 
 class ModelInfo(Strict):
     backend: Backend
-    model_id: str = Field(min_length=1, max_length=300)
-    quantization: str = Field(min_length=1, max_length=100)
-    annotator_version: str = Field(default="", max_length=100)
+    model_id: Text = Field(min_length=1, max_length=300)
+    quantization: Text = Field(min_length=1, max_length=100)
+    annotator_version: Text = Field(default="", max_length=100)
     prompt_version: str = Field(default=DEFAULT_PROMPT_VERSION, pattern=PROMPT_VERSION_PATTERN)
 
 
 class ClaimRequest(Strict):
-    size: int = Field(ge=1, le=100_000)
+    size: Int = Field(ge=1, le=100_000)
     model: ModelInfo
 
 
@@ -49,11 +50,11 @@ class ClaimResponse(BaseModel):
 
 class LabelIn(Strict):
     pair_id: uuid.UUID
-    relevant: bool
-    p_relevant: float = Field(ge=0.0, le=1.0)
-    grade: int | None = Field(default=None, ge=0, le=3)
-    truncated: bool = False
-    seconds: float = Field(default=0.0, ge=0.0, le=86_400.0)
+    relevant: Bool
+    p_relevant: RealFloat = Field(ge=0.0, le=1.0)
+    grade: Int | None = Field(default=None, ge=0, le=3)
+    truncated: Bool = False
+    seconds: RealFloat = Field(default=0.0, ge=0.0, le=86_400.0)
 
 
 class LabelChunk(Strict):
@@ -87,11 +88,11 @@ class ReleaseResponse(BaseModel):
 
 class PairIn(Strict):
     pair_id: uuid.UUID
-    query: str = Field(min_length=1)
-    document: str = Field(min_length=1)
-    split: str = Field(min_length=1, max_length=200)
-    cycle: str = Field(min_length=1, max_length=50)
-    priority: float = 0.0
+    query: Text = Field(min_length=1)
+    document: Text = Field(min_length=1)
+    split: Text = Field(min_length=1, max_length=200)
+    cycle: Text = Field(min_length=1, max_length=50)
+    priority: DoubleFloat = 0.0
 
     @field_validator("split")
     @classmethod
@@ -107,11 +108,11 @@ class EnqueueRequest(Strict):
 
 class HoneypotIn(Strict):
     pair_id: uuid.UUID
-    query: str = Field(min_length=1)
-    document: str = Field(min_length=1)
-    relevant: bool
-    grade: int | None = Field(default=None, ge=0, le=3)
-    source: str = Field(default="", max_length=300)
+    query: Text = Field(min_length=1)
+    document: Text = Field(min_length=1)
+    relevant: Bool
+    grade: Int | None = Field(default=None, ge=0, le=3)
+    source: Text = Field(default="", max_length=300)
 
 
 class HoneypotRequest(Strict):
@@ -124,18 +125,18 @@ class InsertResponse(BaseModel):
 
 
 class ModelEntry(Strict):
-    name: str = Field(min_length=1, max_length=200)
+    name: Text = Field(min_length=1, max_length=200)
     backend: Backend
-    model_id: str = Field(min_length=1, max_length=300)
-    quantization: str = Field(min_length=1, max_length=100)
-    tier: int = Field(default=0, ge=0, le=10)
-    hub_repo: str = ""
-    hub_file: str = ""
-    sha256: str = ""
-    size_bytes: int = Field(default=0, ge=0)
-    min_memory_gb: float = Field(default=0.0, ge=0.0)
-    admitted: bool = False
-    qualification: dict[str, Any] | None = None
+    model_id: Text = Field(min_length=1, max_length=300)
+    quantization: Text = Field(min_length=1, max_length=100)
+    tier: Int = Field(default=0, ge=0, le=10)
+    hub_repo: Text = Field(default="", max_length=300)
+    hub_file: Text = Field(default="", max_length=300)
+    sha256: Text = Field(default="", max_length=64)
+    size_bytes: Int = Field(default=0, ge=0, le=BIGINT_MAX)
+    min_memory_gb: DoubleFloat = Field(default=0.0, ge=0.0, le=1e6)
+    admitted: Bool = False
+    qualification: JsonObject | None = None
     prompt_version: str = Field(default=DEFAULT_PROMPT_VERSION, pattern=PROMPT_VERSION_PATTERN)
     # raw score -> calibrated probability and the verdict threshold (kombinat_api/calibration.py); None: the
     # annotator's own verdict counts
@@ -155,7 +156,7 @@ class DeviceStartResponse(BaseModel):
 
 
 class DevicePollRequest(Strict):
-    device_code: str = Field(min_length=1, max_length=500)
+    device_code: Text = Field(min_length=1, max_length=500)
 
 
 class DevicePollResponse(BaseModel):

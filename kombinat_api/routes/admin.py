@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 from sqlalchemy import Connection
 
 from kombinat_api import queue
 from kombinat_api.auth import Principal, require_admin
-from kombinat_api.routes.deps import engine_of, limit_error, settings_of
+from kombinat_api.routes.deps import engine_of, invalid_value, limit_error, settings_of
 from kombinat_api.schemas import EnqueueRequest, HoneypotRequest, InsertResponse
+from kombinat_api.validation import BIGINT_MAX, StrictJsonRoute, Text
 
-router = APIRouter(prefix="/api/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/api/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)], route_class=StrictJsonRoute
+)
 
 
 def _insert_new(
@@ -57,13 +60,12 @@ def _parse_label_cursor(after: str | None) -> tuple[int, int]:
     if not after:
         return (-1, -1)
     try:
-        xact, label_id = after.split(":")
-        return int(xact), int(label_id)
-    except ValueError as exc:
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST,
-            detail=f"Invalid cursor {after!r}: pass back a next_cursor unchanged.",
-        ) from exc
+        xact, label_id = (int(part) for part in after.split(":"))
+    except ValueError:
+        xact = label_id = -2  # not two integers
+    if not (0 <= xact <= BIGINT_MAX and 0 <= label_id <= BIGINT_MAX):
+        raise invalid_value(("query", "after"), after, "invalid cursor: pass back a next_cursor unchanged")
+    return xact, label_id
 
 
 # Pages are ordered by (inserting transaction id, label id) and only hold labels below a horizon that
@@ -103,10 +105,10 @@ LIMIT %(limit)s
 @router.get("/labels")
 def export_labels(
     request: Request,
-    after: str | None = None,
-    limit: int | None = Query(default=None, ge=1),
-    split: str | None = None,
-    cycle: str | None = None,
+    after: Text | None = Query(default=None, max_length=50),
+    limit: int | None = Query(default=None, ge=1, le=BIGINT_MAX),
+    split: Text | None = Query(default=None, max_length=200),
+    cycle: Text | None = Query(default=None, max_length=50),
 ) -> dict[str, Any]:
     ax, al = _parse_label_cursor(after)
     n = _page_size(request, limit)
@@ -156,20 +158,18 @@ ORDER BY p.pair_id
 LIMIT %(limit)s
 """
 
-STATUSES = ("verified", "disputed", "escalated", "unresolved", "labeled", "new")
+PairStatus = Literal["verified", "disputed", "escalated", "unresolved", "labeled", "new"]
 
 
 @router.get("/verified")
 def export_verified(
     request: Request,
-    split: str | None = None,
-    cycle: str | None = None,
+    split: Text | None = Query(default=None, max_length=200),
+    cycle: Text | None = Query(default=None, max_length=50),
     after: uuid.UUID | None = None,
-    limit: int | None = Query(default=None, ge=1),
-    status_: str = Query(default="verified", alias="status"),
+    limit: int | None = Query(default=None, ge=1, le=BIGINT_MAX),
+    status_: PairStatus = Query(default="verified", alias="status"),
 ) -> dict[str, Any]:
-    if status_ not in STATUSES:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"status must be one of {', '.join(STATUSES)}")
     n = _page_size(request, limit)
     with engine_of(request).connect() as conn:
         rows = conn.exec_driver_sql(
@@ -245,7 +245,9 @@ LIMIT %(limit)s OFFSET %(offset)s
 
 @router.get("/contributors")
 def contributors(
-    request: Request, limit: int | None = Query(default=None, ge=1), offset: int = Query(default=0, ge=0)
+    request: Request,
+    limit: int | None = Query(default=None, ge=1, le=BIGINT_MAX),
+    offset: int = Query(default=0, ge=0, le=BIGINT_MAX),
 ) -> dict[str, Any]:
     n = _page_size(request, limit)
     with engine_of(request).connect() as conn:

@@ -8,8 +8,9 @@ from kombinat_api.auth import Principal, current_principal, issue_token, rate_li
 from kombinat_api.github import GitHubClient, GitHubError
 from kombinat_api.routes.deps import engine_of, settings_of
 from kombinat_api.schemas import DevicePollRequest, DevicePollResponse, DeviceStartResponse, MeResponse
+from kombinat_api.validation import StrictJsonRoute
 
-router = APIRouter(prefix="/api/v1", tags=["auth"])
+router = APIRouter(prefix="/api/v1", tags=["auth"], route_class=StrictJsonRoute)
 
 
 def _github(request: Request) -> GitHubClient:

@@ -52,3 +52,8 @@ def limit_error(loc: tuple[str, ...], value: Any, maximum: int, what: str) -> Re
             }
         ]
     )
+
+
+def invalid_value(loc: tuple[str, ...], value: Any, message: str) -> RequestValidationError:
+    """A 422 in FastAPI's own error-list shape for a value the schema alone cannot judge (a cursor, say)."""
+    return RequestValidationError([{"type": "value_error", "loc": loc, "msg": message, "input": value}])

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Depends, Request
 from kombinat_api.auth import Principal, require_admin
 from kombinat_api.routes.deps import engine_of
 from kombinat_api.schemas import ModelEntry, ModelList
+from kombinat_api.validation import StrictJsonRoute
 
-router = APIRouter(prefix="/api/v1", tags=["models"])
+router = APIRouter(prefix="/api/v1", tags=["models"], route_class=StrictJsonRoute)
 
 COLUMNS = (
     "name, backend, model_id, quantization, tier, hub_repo, hub_file, sha256, size_bytes, min_memory_gb, "

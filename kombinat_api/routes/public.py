@@ -17,8 +17,9 @@ from fastapi.responses import HTMLResponse
 
 from kombinat_api import queue
 from kombinat_api.routes.deps import engine_of, settings_of
+from kombinat_api.validation import StrictJsonRoute
 
-router = APIRouter(tags=["public"])
+router = APIRouter(tags=["public"], route_class=StrictJsonRoute)
 
 PAGE_TEMPLATE = Path(__file__).with_name("progress.html")
 _PLACEHOLDER = re.compile(r"__(NONCE|INITIAL_STATS|STATIC_TABLES|POLL_MS)__")

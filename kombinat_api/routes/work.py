@@ -23,8 +23,9 @@ from kombinat_api.schemas import (
     Strict,
     SubmitResponse,
 )
+from kombinat_api.validation import StrictJsonRoute
 
-router = APIRouter(prefix="/api/v1/batches", tags=["work"])
+router = APIRouter(prefix="/api/v1/batches", tags=["work"], route_class=StrictJsonRoute)
 _LABELS = TypeAdapter(list[LabelIn])
 _ANY_JSON: TypeAdapter[Any] = TypeAdapter(Any)
 

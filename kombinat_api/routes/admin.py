@@ -147,8 +147,11 @@ def export_labels(
 VERIFIED_SQL = """
 SELECT p.pair_id, c.query, c.document, p.split, p.cycle, p.status, p.tier, p.n_labels, p.n_relevant, p.p_sum,
        p.n_votes, p.n_votes_relevant, p.n_model_configs,
+       -- the models of the labels that counted: not quarantined, at the pair's tier, from a contributor in good
+       -- standing (kombinat_count's rule); a bad contributor's model is never credited with a verified pair
        (SELECT coalesce(array_agg(DISTINCT l.backend || '/' || l.model_id || '/' || l.quantization), '{}')
-        FROM label l WHERE l.pair_id = p.pair_id AND NOT l.quarantined AND l.tier >= p.tier) AS models
+        FROM label l JOIN contributor lc ON lc.id = l.contributor_id AND lc.good_standing
+        WHERE l.pair_id = p.pair_id AND NOT l.quarantined AND l.tier >= p.tier) AS models
 FROM pair p JOIN pair_content c ON c.pair_id = p.pair_id
 WHERE p.status = %(status)s AND NOT p.is_honeypot
   AND (%(split)s::text IS NULL OR p.split = %(split)s::text)

@@ -47,11 +47,12 @@ SELECT (SELECT count(*) FROM label
 """
 
 # From batches (few rows) rather than from scanning labels. It counts every label a contributor sent,
-# honeypots included: counting them out would tell each contributor how many honeypots it was given.
+# honeypots included: counting them out would tell each contributor how many honeypots it was given. Only
+# contributors in good standing are listed: a public rank is credit, and labels that no longer count earn none.
 LEADERBOARD_SQL = """
 SELECT c.login, sum(b.n_labeled)::bigint AS labels
 FROM batch b JOIN contributor c ON c.id = b.contributor_id
-WHERE NOT b.quarantined AND NOT c.banned
+WHERE NOT b.quarantined AND NOT c.banned AND c.good_standing
 GROUP BY c.login ORDER BY labels DESC, c.login LIMIT 20
 """
 

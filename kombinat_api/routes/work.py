@@ -34,11 +34,23 @@ _ANY_JSON: TypeAdapter[Any] = TypeAdapter(Any)
 # operation share one pooled connection and one commit, all on the event loop (no thread hop; db.make_hot_pool).
 
 
+def _contributors_only(principal: Principal) -> None:
+    """Labels come from contributors: an admin token (the pipeline's) neither claims nor labels, so no label can
+    bypass honeypots and reputation by riding on an operator's credentials."""
+    if principal.is_admin:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail="Admin tokens cannot claim or label batches: label with a contributor token (GitHub sign-in, "
+            "or `kombinat create-local-contributor` for your own machines).",
+        )
+
+
 @router.post("/claim", response_model=ClaimResponse)
 async def claim_batch(body: ClaimRequest, request: Request, token: str = Depends(token_of)) -> Response:
     settings = settings_of(request)
     async with async_transaction(hot_pool_of(request)) as cur:
         principal = await principal_in(cur, request, token)
+        _contributors_only(principal)
         if body.size > settings.max_batch_size:
             raise limit_error(("body", "size"), body.size, settings.max_batch_size, "batch size")
         # New and low-reputation contributors get honeypot-heavy batches until they have earned trust.
@@ -125,6 +137,7 @@ async def submit_labels(
         async with async_transaction(hot_pool) as cur:
             if principal is None:
                 principal = await principal_in(cur, request, token)
+                _contributors_only(principal)
                 if len(body.labels) > settings.max_labels_per_chunk:
                     raise limit_error(
                         ("body", "labels"), len(body.labels), settings.max_labels_per_chunk, "chunk of labels"

@@ -172,3 +172,16 @@ def test_rate_limit_is_shared_by_replicas(database_url: str, github: FakeGitHub,
         assert int(limited.headers["retry-after"]) >= 0
         # Another contributor has its own budget.
         assert two.get("/api/v1/me", headers=kmb.contributor().headers).status_code == 200
+
+
+def test_admin_tokens_cannot_claim_or_label(kmb: Kombinat) -> None:
+    kmb.admit()
+    kmb.enqueue(3)
+    resp = kmb.client.post("/api/v1/batches/claim", json={"size": 2, "model": model_info()}, headers=kmb.admin)
+    assert resp.status_code == 403 and "contributor token" in resp.json()["detail"]
+    batch = kmb.claim(kmb.contributor(), 2)
+    pid = batch["pairs"][0]["pair_id"]
+    body = {"model": model_info(), "labels": [{"pair_id": pid, "relevant": True, "p_relevant": 0.9}]}
+    resp = kmb.client.post(f"/api/v1/batches/{batch['batch_id']}/labels", json=body, headers=kmb.admin)
+    assert resp.status_code == 403 and "contributor token" in resp.json()["detail"]
+    assert kmb.sql("SELECT count(*) FROM label") == [(0,)]

@@ -115,6 +115,10 @@ def test_public_stats_json_and_page(kmb: Kombinat) -> None:
     )
     assert stats["active_contributors"] == 1 and stats["labels_per_hour"] == 3
     assert stats["leaderboard"] == [{"login": "ada", "labels": 3}]
+    # out of good standing: off the public leaderboard (its labels no longer count)
+    kmb.sql("UPDATE contributor SET good_standing = false WHERE id = %(c)s", {"c": a.id})
+    assert kmb.client.get("/api/v1/stats").json()["leaderboard"] == []
+    kmb.sql("UPDATE contributor SET good_standing = true WHERE id = %(c)s", {"c": a.id})
     page = kmb.client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "reddit_title_body" in page.text and "ada" in page.text and "labels / hour" in page.text

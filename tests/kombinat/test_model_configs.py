@@ -264,3 +264,20 @@ def test_migration_counts_the_configurations_of_pairs_verified_before_it() -> No
             migrate(url)
         finally:
             eng.dispose()
+
+
+def test_the_export_credits_only_models_whose_labels_count(kmb: Kombinat) -> None:
+    """A contributor out of good standing (or a quarantined label) is not credited in the published ``models``."""
+    kmb.admit()
+    kmb.admit(OTHER)
+    (pid,) = kmb.enqueue(1)
+    a, bad = (kmb.contributor(trusted=True) for _ in range(2))
+    label_one(kmb, a, pid, True)
+    label_one(kmb, bad, pid, True, OTHER)
+    assert verified(kmb, pid)["models"] == ["llama_cpp/test/Other-LLM/Q4_K_M", "llama_cpp/test/Tiny-LLM/Q4_K_M"]
+    # (losing standing also recounts the pair — trust's job, tested in test_verification — the column is read live)
+    kmb.sql("UPDATE contributor SET good_standing = false WHERE id = %(c)s", {"c": bad.id})
+    assert verified(kmb, pid)["models"] == ["llama_cpp/test/Tiny-LLM/Q4_K_M"]
+    kmb.sql("UPDATE contributor SET good_standing = true WHERE id = %(c)s", {"c": bad.id})
+    kmb.sql("UPDATE label SET quarantined = true WHERE contributor_id = %(c)s", {"c": bad.id})
+    assert verified(kmb, pid)["models"] == ["llama_cpp/test/Tiny-LLM/Q4_K_M"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -172,3 +172,26 @@ class MeResponse(BaseModel):
     reputation: float
     trusted: bool
     labels_submitted: int
+
+
+class ErrorMessage(BaseModel):
+    """Every error but a 422: one sentence that names the problem."""
+
+    detail: str
+
+
+_ERROR_MEANING = {
+    400: "the request cannot be carried out as asked (e.g. a device-flow poll that is pending or expired)",
+    401: "missing, malformed, invalid or revoked bearer token",
+    403: "not allowed: admin endpoint without an admin token, a model not admitted, another contributor's batch, "
+    "a banned account, or an admin token on a contributor endpoint",
+    404: "unknown batch",
+    409: "lease expired or released, or the model or prompt version does not match the batch or the registry",
+    413: "request body over this server's limit",
+    429: "over the per-token rate limit; Retry-After says when to come back",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses an endpoint can answer (422 FastAPI documents itself)."""
+    return {code: {"model": ErrorMessage, "description": _ERROR_MEANING[code]} for code in codes}

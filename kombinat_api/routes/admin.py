@@ -13,11 +13,15 @@ from sqlalchemy import Connection
 from kombinat_api import queue
 from kombinat_api.auth import Principal, require_admin
 from kombinat_api.routes.deps import engine_of, invalid_value, limit_error, settings_of
-from kombinat_api.schemas import EnqueueRequest, HoneypotRequest, InsertResponse
+from kombinat_api.schemas import EnqueueRequest, HoneypotRequest, InsertResponse, error_responses
 from kombinat_api.validation import BIGINT_MAX, StrictJsonRoute, Text
 
 router = APIRouter(
-    prefix="/api/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)], route_class=StrictJsonRoute
+    prefix="/api/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    route_class=StrictJsonRoute,
+    responses=error_responses(401, 403, 413, 429),
 )
 
 

@@ -7,10 +7,10 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from kombinat_api.auth import Principal, current_principal, issue_token, rate_limit_key
 from kombinat_api.github import GitHubClient, GitHubError
 from kombinat_api.routes.deps import engine_of, settings_of
-from kombinat_api.schemas import DevicePollRequest, DevicePollResponse, DeviceStartResponse, MeResponse
+from kombinat_api.schemas import DevicePollRequest, DevicePollResponse, DeviceStartResponse, MeResponse, error_responses
 from kombinat_api.validation import StrictJsonRoute
 
-router = APIRouter(prefix="/api/v1", tags=["auth"], route_class=StrictJsonRoute)
+router = APIRouter(prefix="/api/v1", tags=["auth"], route_class=StrictJsonRoute, responses=error_responses(400, 429))
 
 
 def _github(request: Request) -> GitHubClient:

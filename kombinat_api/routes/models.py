@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, Request
 
 from kombinat_api.auth import Principal, require_admin
 from kombinat_api.routes.deps import engine_of
-from kombinat_api.schemas import ModelEntry, ModelList
+from kombinat_api.schemas import ModelEntry, ModelList, error_responses
 from kombinat_api.validation import StrictJsonRoute
 
-router = APIRouter(prefix="/api/v1", tags=["models"], route_class=StrictJsonRoute)
+router = APIRouter(prefix="/api/v1", tags=["models"], route_class=StrictJsonRoute, responses=error_responses(429))
 
 COLUMNS = (
     "name, backend, model_id, quantization, tier, hub_repo, hub_file, sha256, size_bytes, min_memory_gb, "

@@ -22,10 +22,16 @@ from kombinat_api.schemas import (
     ReleaseResponse,
     Strict,
     SubmitResponse,
+    error_responses,
 )
 from kombinat_api.validation import StrictJsonRoute
 
-router = APIRouter(prefix="/api/v1/batches", tags=["work"], route_class=StrictJsonRoute)
+router = APIRouter(
+    prefix="/api/v1/batches",
+    tags=["work"],
+    route_class=StrictJsonRoute,
+    responses=error_responses(401, 403, 404, 409, 413, 429),
+)
 _LABELS = TypeAdapter(list[LabelIn])
 _ANY_JSON: TypeAdapter[Any] = TypeAdapter(Any)
 

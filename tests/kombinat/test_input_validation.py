@@ -142,3 +142,13 @@ def test_query_values_beyond_bigint_or_unknown_are_422(kmb: Kombinat) -> None:
     ):
         assert_422(kmb.client.get(url, headers=kmb.admin), field)
     assert kmb.client.get("/api/v1/admin/contributors?offset=9223372036854775807", headers=kmb.admin).status_code == 200
+
+
+def test_the_openapi_description_lists_the_error_responses(kmb: Kombinat) -> None:
+    spec = kmb.client.get("/openapi.json").json()
+    labels = spec["paths"]["/api/v1/batches/{batch_id}/labels"]["post"]["responses"]
+    assert {"401", "403", "404", "409", "413", "422", "429"} <= set(labels)
+    assert labels["409"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorMessage"}
+    export = spec["paths"]["/api/v1/admin/verified"]["get"]["responses"]
+    assert {"401", "403", "422", "429"} <= set(export) and "404" not in export
+    assert spec["components"]["schemas"]["ErrorMessage"]["required"] == ["detail"]

@@ -7,8 +7,10 @@ short transaction on a pooled connection. Parameters use psycopg's ``%(name)s`` 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -642,8 +644,19 @@ SELECT b.contributor_id, b.quarantined,
                                              AND l.pair_id = bh.pair_id))) AS expected,
        (SELECT count(*) FROM label l WHERE l.batch_id = b.batch_id AND l.is_honeypot) AS answered,
        (SELECT count(*) FROM label l JOIN honeypot h ON h.pair_id = l.pair_id
-            WHERE l.batch_id = b.batch_id AND l.is_honeypot AND l.relevant = h.relevant) AS correct
-FROM batch b WHERE b.batch_id = %(bid)s
+            WHERE l.batch_id = b.batch_id AND l.is_honeypot AND l.relevant = h.relevant) AS correct,
+       hist.answered, hist.correct
+FROM batch b
+-- the contributor's honeypot record in its previous batches (through batch_contributor and label_batch)
+CROSS JOIN LATERAL (
+    SELECT count(*) AS answered, count(*) FILTER (WHERE l.relevant = h.relevant) AS correct
+    FROM (SELECT batch_id FROM batch pb
+          WHERE pb.contributor_id = b.contributor_id AND pb.created_at < b.created_at
+          ORDER BY pb.created_at DESC LIMIT %(history)s) pb
+    JOIN label l ON l.batch_id = pb.batch_id AND l.is_honeypot
+    JOIN honeypot h ON h.pair_id = l.pair_id
+) hist
+WHERE b.batch_id = %(bid)s
 """
 
 QUARANTINE_SQL = """
@@ -667,25 +680,48 @@ class HoneypotVerdict:
     quarantined: bool
     newly_quarantined: bool = False
     touched_pairs: list[uuid.UUID] = field(default_factory=list)
+    history_answered: int = 0
+    history_correct: int = 0
 
 
-def check_batch_honeypots(conn: Connection, batch_id: uuid.UUID, min_accuracy: float) -> HoneypotVerdict | None:
-    """Quarantine the batch as soon as its honeypot accuracy can no longer reach ``min_accuracy``.
+@functools.lru_cache(maxsize=4096)
+def quarantine_threshold(n: int, honest_accuracy: float, alpha: float) -> int:
+    """The fewest wrong answers out of ``n`` that an honest contributor (each answer right with probability
+    ``honest_accuracy``, independently) gives with probability below ``alpha``: P(X >= k) < alpha for
+    X ~ Binomial(n, 1 - honest_accuracy). ``n + 1`` when even n wrong answers are not that unlikely."""
+    p = 1.0 - honest_accuracy
+    tail = 1.0  # P(X >= k), from k = 0 upwards
+    for k in range(n + 1):
+        if tail < alpha:
+            return k
+        tail -= math.comb(n, k) * p**k * (1 - p) ** (n - k)
+    return n + 1
 
-    Deciding early (before every honeypot is answered) means the rest of a bad batch's labels are stored
-    quarantined from the start instead of counting and being recounted later.
+
+def check_batch_honeypots(
+    conn: Connection, batch_id: uuid.UUID, honest_accuracy: float, alpha: float, history_batches: int
+) -> HoneypotVerdict | None:
+    """Quarantine the batch as soon as its contributor's honeypot answers — this batch's so far and those of its
+    previous ``history_batches`` batches — reject "accuracy >= honest_accuracy" at level ``alpha``.
+
+    A test over the record rather than a bar on one batch: a batch of 14 honeypots with 2 misses is what an honest
+    contributor at 90 % gives one time in six, and that must not cost its labels; evidence across batches catches
+    a bad contributor even when each of its batches is small. Deciding before every honeypot is answered means
+    the rest of a bad batch's labels are stored quarantined from the start instead of counting and being
+    recounted later.
     """
-    row = conn.exec_driver_sql(HONEYPOT_CHECK_SQL, {"bid": batch_id}).one_or_none()
+    row = conn.exec_driver_sql(HONEYPOT_CHECK_SQL, {"bid": batch_id, "history": history_batches}).one_or_none()
     if row is None:
         return None
     verdict = HoneypotVerdict(
-        contributor_id=row[0], quarantined=row[1], expected=row[2], answered=row[3], correct=row[4]
-    )
-    if verdict.quarantined or verdict.expected == 0:
+        contributor_id=row[0], quarantined=row[1], expected=row[2], answered=row[3], correct=row[4],
+        history_answered=row[5], history_correct=row[6],
+    )  # fmt: skip
+    if verdict.quarantined or verdict.answered == 0:
         return verdict
-    wrong = verdict.answered - verdict.correct
-    best_possible = (verdict.expected - wrong) / verdict.expected
-    if best_possible < min_accuracy:
+    n = verdict.answered + verdict.history_answered
+    wrong = n - verdict.correct - verdict.history_correct
+    if wrong >= quarantine_threshold(n, honest_accuracy, alpha):
         q = conn.exec_driver_sql(QUARANTINE_SQL, {"bid": batch_id}).one()
         verdict.quarantined = True
         verdict.newly_quarantined = bool(q[0])

@@ -57,7 +57,15 @@ class Settings(BaseSettings):
     # low-reputation ones, who get honeypot-heavy batches until they are trusted.
     honeypot_fraction: float = Field(default=0.07, ge=0.0, le=0.5)
     honeypot_fraction_untrusted: float = Field(default=0.3, ge=0.0, le=0.9)
+    # the honeypot accuracy a contributor must show to become trusted
     honeypot_min_accuracy: float = 0.9
+    # Quarantine is a test, not a bar (queue.quarantine_threshold): a batch is quarantined when its contributor's
+    # honeypot answers (this batch's so far, plus those of its previous quarantine_history_batches batches) make
+    # an accuracy of honeypot_honest_accuracy implausible at level quarantine_alpha (one-sided binomial test).
+    # An honest contributor at that accuracy loses about quarantine_alpha of its batches; docs/api.md has the rates.
+    honeypot_honest_accuracy: float = Field(default=0.9, gt=0.5, lt=1.0)
+    quarantine_alpha: float = Field(default=0.005, gt=0.0, lt=0.5)
+    quarantine_history_batches: int = Field(default=5, ge=0)
 
     # Reputation (0..1; a newcomer with no history scores 0.8, see trust.py).
     min_reputation: float = 0.5  # below this a contributor's labels stop counting toward verification

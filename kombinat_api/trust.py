@@ -107,7 +107,9 @@ SELECT
                       WHEN (or_ * 2 > on_) = relevant THEN 1 ELSE 0 END), 0) AS agree_count,
     count(*) FILTER (WHERE NOT is_honeypot) AS n_labels,
     count(*) FILTER (WHERE NOT is_honeypot AND relevant) AS n_relevant,
-    (SELECT count(*) FROM batch WHERE contributor_id = %(cid)s AND quarantined) AS quarantined_batches,
+    -- quarantines within the same recent window: an old misfortune stops weighing once it is out of it
+    (SELECT count(*) FROM (SELECT quarantined FROM batch WHERE contributor_id = %(cid)s
+                           ORDER BY created_at DESC LIMIT %(window)s) w WHERE quarantined) AS quarantined_batches,
     (SELECT banned FROM contributor WHERE id = %(cid)s) AS banned,
     (SELECT good_standing FROM contributor WHERE id = %(cid)s) AS was_good,
     (SELECT sum(n_relevant)::float8 / nullif(sum(n_labels), 0) FROM contributor
@@ -209,7 +211,13 @@ def after_submit(
             recompute_in_chunks(conn, list(escalated), settings)
         verdict = None
         if check_honeypots:
-            verdict = queue.check_batch_honeypots(conn, batch_id, settings.honeypot_min_accuracy)
+            verdict = queue.check_batch_honeypots(
+                conn,
+                batch_id,
+                settings.honeypot_honest_accuracy,
+                settings.quarantine_alpha,
+                settings.quarantine_history_batches,
+            )
         if verdict is not None and verdict.newly_quarantined:
             recompute_in_chunks(conn, verdict.touched_pairs, settings)
         if verdict is not None and verdict.newly_quarantined:

@@ -156,7 +156,7 @@ def test_quarantine_undoes_a_verification(kmb: Kombinat) -> None:
     honest, cheat = kmb.contributor(trusted=True), kmb.contributor()
     label_one(kmb, honest, pid, True)
     # The cheater labels the ordinary pair first (it counts and verifies the pair), then fails its honeypots.
-    b = kmb.claim(cheat, 4)
+    b = kmb.claim(cheat, 10)  # 3 honeypots, all answered wrong: evidence enough to quarantine
     ordinary = next(p["pair_id"] for p in b["pairs"] if p["pair_id"] not in gold)
     hps = {p["pair_id"]: not gold[p["pair_id"]] for p in b["pairs"] if p["pair_id"] in gold}
     assert ordinary == pid and hps

@@ -1,0 +1,113 @@
+"""Honest and bad contributors side by side on the real app and PostgreSQL: the quarantine test spares honest
+batches and every bad contributor loses its standing, so none of its labels counts at the end.
+
+Three honest contributors answer with 5 % noise; a random one flips coins; an inverted one answers the opposite of
+the truth (honeypots included); an always-relevant one says yes to everything. They claim batches in turn until the
+queue is drained. (The "behave until the honeypots are seen, then invert" contributor and colluders comparing
+batches need honeypot exposure tracking: issue 19's honeypot item, not yet built.)
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from kombinat_api.main import create_app
+from tests.kombinat.conftest import Contributor, Kombinat, make_settings
+from tests.support.fake_github import FakeGitHub
+
+PAIRS, HONEYPOTS, BATCH = 1500, 400, 40
+
+Answer = Callable[[bool, random.Random], bool]
+BEHAVIOURS: dict[str, Answer] = {
+    "honest": lambda truth, rng: truth if rng.random() >= 0.05 else not truth,
+    "random": lambda truth, rng: rng.random() < 0.5,
+    "inverted": lambda truth, rng: not truth,
+    "always_relevant": lambda truth, rng: True,
+}
+
+
+@pytest.fixture
+def kmb_live(database_url: str, github: FakeGitHub, engine: Engine) -> Iterator[Kombinat]:
+    """Reputation refreshed after every batch (the 120 s throttle would outlast the whole simulation)."""
+    with TestClient(create_app(make_settings(database_url, github, reputation_refresh_s=0.0))) as client:
+        yield Kombinat(client, engine)
+
+
+@pytest.mark.timeout(600)
+def test_honest_batches_are_spared_and_bad_contributors_stop_counting(kmb_live: Kombinat) -> None:
+    kmb = kmb_live
+    rng = random.Random(7)
+    kmb.admit()
+    ids = kmb.enqueue(PAIRS)
+    truth = {pid: rng.random() < 0.3 for pid in ids}
+    gold = kmb.honeypots(HONEYPOTS)
+    truth.update(gold)
+    crowd: list[tuple[str, Contributor]] = [("honest", kmb.contributor(f"honest{i}")) for i in range(3)]
+    crowd += [(kind, kmb.contributor(kind)) for kind in ("random", "inverted", "always_relevant")]
+    batches: dict[str, list[bool]] = {}  # contributor login → quarantined flag of each batch
+    for _round in range(200):
+        claimed_any = False
+        for kind, who in crowd:
+            resp = kmb.client.post(
+                "/api/v1/batches/claim",
+                json={"size": BATCH, "model": {"backend": "llama_cpp", "model_id": "test/Tiny-LLM",
+                                               "quantization": "Q4_K_M", "prompt_version": "p1"}},
+                headers=who.headers,
+            )  # fmt: skip
+            if resp.status_code != 200 or not resp.json()["pairs"]:
+                continue
+            claimed_any = True
+            batch = resp.json()
+            verdicts = {p["pair_id"]: BEHAVIOURS[kind](truth[p["pair_id"]], rng) for p in batch["pairs"]}
+            assert kmb.submit(who, batch["batch_id"], verdicts).status_code == 200
+            flag = kmb.sql("SELECT quarantined FROM batch WHERE batch_id = %(b)s", {"b": batch["batch_id"]})[0][0]
+            batches.setdefault(who.login, []).append(flag)
+        if not claimed_any:
+            break
+
+    honest_flags = [f for kind, who in crowd if kind == "honest" for f in batches.get(who.login, [])]
+    honest_rate = sum(honest_flags) / len(honest_flags)
+    standing = dict(kmb.sql("SELECT login, good_standing FROM contributor"))
+    counted_bad = kmb.sql(
+        """SELECT count(*) FROM label l JOIN pair p ON p.pair_id = l.pair_id
+           JOIN contributor c ON c.id = l.contributor_id
+           WHERE p.status = 'verified' AND NOT l.quarantined AND c.good_standing AND l.tier >= p.tier
+             AND c.login = ANY(%(bad)s)""",
+        {"bad": ["random", "inverted", "always_relevant"]},
+    )[0][0]  # fmt: skip
+    verified = kmb.sql(
+        "SELECT pair_id, n_relevant * 2 >= n_labels FROM pair WHERE status = 'verified' AND NOT is_honeypot"
+    )
+    accuracy = sum(truth[str(pid)] == label for pid, label in verified) / max(1, len(verified))
+    # the rule before: a batch whose own honeypot accuracy fell below 90 % was quarantined
+    old_rule = kmb.sql(
+        """SELECT count(*) FROM (
+               SELECT b.batch_id FROM batch b JOIN contributor c ON c.id = b.contributor_id
+               JOIN label l ON l.batch_id = b.batch_id AND l.is_honeypot JOIN honeypot h ON h.pair_id = l.pair_id
+               WHERE c.login LIKE 'honest%%' GROUP BY b.batch_id
+               HAVING avg((l.relevant = h.relevant)::int) < 0.9) x"""
+    )[0][0]
+    report = {
+        "honest batches": len(honest_flags),
+        "honest quarantined": sum(honest_flags),
+        "honest quarantined by the old per-batch 90 % bar": old_rule,
+        "bad batches quarantined": {k: f"{sum(batches[k])}/{len(batches[k])}" for k in BEHAVIOURS if k in batches},
+        "standing": standing,
+        "verified pairs": len(verified),
+        "verified accuracy": round(accuracy, 4),
+    }
+    print(report)
+    assert len(honest_flags) >= 60, report
+    assert honest_rate < 0.01, report
+    for kind in ("random", "inverted", "always_relevant"):
+        assert standing[kind] is False, report
+    assert all(standing[f"honest{i}"] for i in range(3)), report
+    assert counted_bad == 0, report
+    assert accuracy >= 0.9, report
+    assert uuid.UUID(str(verified[0][0]))  # ids came back as stored

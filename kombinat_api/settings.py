@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     # honeypot answers (this batch's so far, plus those of its previous quarantine_history_batches batches) make
     # an accuracy of honeypot_honest_accuracy implausible at level quarantine_alpha (one-sided binomial test).
     # An honest contributor at that accuracy loses about quarantine_alpha of its batches; docs/api.md has the rates.
+    # false switches quarantine off (a demo with a model that labels near chance); the record still counts for trust
+    honeypot_quarantine: bool = True
     honeypot_honest_accuracy: float = Field(default=0.9, gt=0.5, lt=1.0)
     quarantine_alpha: float = Field(default=0.005, gt=0.0, lt=0.5)
     quarantine_history_batches: int = Field(default=5, ge=0)

@@ -210,7 +210,7 @@ def after_submit(
         if escalated:
             recompute_in_chunks(conn, list(escalated), settings)
         verdict = None
-        if check_honeypots:
+        if check_honeypots and settings.honeypot_quarantine:
             verdict = queue.check_batch_honeypots(
                 conn,
                 batch_id,

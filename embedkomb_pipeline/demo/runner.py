@@ -75,7 +75,7 @@ from embedkomb_pipeline.sources.pairs import SAMPLE_SPLITS
 DEFAULT_SPLIT = "scifact_title_abstract"
 # The tiny model cannot pass honeypots (it labels near chance), so kombinat's quarantine is switched off for the
 # demo — said in the summary every time. A real deployment keeps the default 0.9.
-DEMO_KOMBINAT_ENV = {"KOMBINAT_HONEYPOT_MIN_ACCURACY": "0"}
+DEMO_KOMBINAT_ENV = {"KOMBINAT_HONEYPOT_QUARANTINE": "false", "KOMBINAT_HONEYPOT_MIN_ACCURACY": "0"}
 # A short training run: the point is the whole path on a CPU, not the model's quality.
 DEMO_TRAINING: dict[str, Any] = {
     "phases": 2,
@@ -269,8 +269,9 @@ class Cycle:
         s.honeypots, s.honeypots_added = after["honeypots"], after["honeypots"] - before["honeypots"]
         s.honeypot_answers, s.disputed = after["honeypot_labels"], after["disputed"]
         s.notes.append(
-            "kombinat's honeypot quarantine is OFF for this demo (KOMBINAT_HONEYPOT_MIN_ACCURACY=0): the tiny "
-            "SmolLM2-135M labels near chance and would be quarantined; a real deployment keeps 0.9"
+            "kombinat's honeypot quarantine is OFF for this demo (KOMBINAT_HONEYPOT_QUARANTINE=false, "
+            "KOMBINAT_HONEYPOT_MIN_ACCURACY=0): the tiny SmolLM2-135M labels near chance and would be quarantined; "
+            "a real deployment keeps both on"
         )
         s.notes.append(
             "the volunteers are local contributors (`kombinat create-local-contributor`, no GitHub); "

@@ -111,3 +111,18 @@ def test_honest_batches_are_spared_and_bad_contributors_stop_counting(kmb_live: 
     assert counted_bad == 0, report
     assert accuracy >= 0.9, report
     assert uuid.UUID(str(verified[0][0]))  # ids came back as stored
+
+
+def test_quarantine_can_be_switched_off_for_a_demo(database_url: str, github: FakeGitHub, engine: Engine) -> None:
+    """KOMBINAT_HONEYPOT_QUARANTINE=false (the demo's near-chance tiny model): no batch is quarantined."""
+    with TestClient(create_app(make_settings(database_url, github, honeypot_quarantine=False))) as client:
+        kmb = Kombinat(client, engine)
+        kmb.admit()
+        kmb.enqueue(7)
+        gold = kmb.honeypots(10)
+        cheat = kmb.contributor()
+        batch = kmb.claim(cheat, 10)
+        verdicts = {p["pair_id"]: not gold[p["pair_id"]] if p["pair_id"] in gold else True for p in batch["pairs"]}
+        assert sum(p["pair_id"] in gold for p in batch["pairs"]) == 3
+        assert kmb.submit(cheat, batch["batch_id"], verdicts).status_code == 200
+        assert kmb.sql("SELECT quarantined FROM batch WHERE batch_id = %(b)s", {"b": batch["batch_id"]})[0][0] is False

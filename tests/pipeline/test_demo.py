@@ -107,7 +107,7 @@ def test_demo_runs_a_whole_cycle_on_embedded_postgres_and_resumes_without_duplic
     assert Path(first.dataset_path, "README.md").exists()
     assert set(first.scores) == {"task", "base", "checkpoint"} and 0 <= first.scores["base"] <= 1
     # the summary says what it measured and what it switched off
-    assert "KOMBINAT_HONEYPOT_MIN_ACCURACY=0" in text and "no duplicates" in text and "nDCG@10" in text
+    assert "KOMBINAT_HONEYPOT_QUARANTINE=false" in text and "no duplicates" in text and "nDCG@10" in text
     assert f"{first.verified:,}" in text and "local:demo-alice" in text
     assert _left_running(pgdata) == []
 

@@ -6,7 +6,8 @@ offline model); then labeled_pairs → verified_pairs; the export loads with `da
 refill sensors are evaluated with build_sensor_context; checks pass on good data and fail on planted bad
 data (duplicate pair IDs, a contributor who labels at random). GitHub is the only fake.
 
-kombinat's honeypot quarantine is switched off here (KOMBINAT_HONEYPOT_MIN_ACCURACY=0): the tiny test model
+kombinat's honeypot quarantine is switched off here (KOMBINAT_HONEYPOT_QUARANTINE=false, and the trust bar
+KOMBINAT_HONEYPOT_MIN_ACCURACY=0): the tiny test model
 (AUC about 0.6) cannot pass honeypots, and this test is about the loop, not about the model's quality.
 """
 
@@ -171,7 +172,9 @@ def test_the_loop_end_to_end(
     with (
         FakeGitHub() as github,
         running_kombinat(
-            github=github, env={"KOMBINAT_HONEYPOT_MIN_ACCURACY": "0"}, log_path=tmp_path / "kombinat.log"
+            github=github,
+            env={"KOMBINAT_HONEYPOT_QUARANTINE": "false", "KOMBINAT_HONEYPOT_MIN_ACCURACY": "0"},
+            log_path=tmp_path / "kombinat.log",
         ) as server,
     ):
         admit_model(server, TINY_ENTRY)

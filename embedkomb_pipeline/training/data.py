@@ -85,11 +85,8 @@ class TrainingSet:
             [negs.get(d, []) for d in anchors],
         )
 
-    def subset(self, n_queries: int, seed: int = 0) -> TrainingSet:
-        """n random queries with the whole corpus kept (the softmax still runs over every document)."""
-        if n_queries >= len(self.queries):
-            return self
-        keep = sorted(random.Random(seed).sample(range(len(self.queries)), n_queries))
+    def _queries_at(self, keep: Sequence[int]) -> TrainingSet:
+        """The queries at these indices, with the whole corpus."""
         return TrainingSet(
             [self.query_ids[i] for i in keep],
             [self.queries[i] for i in keep],
@@ -102,22 +99,19 @@ class TrainingSet:
             [self.n_source[i] for i in keep] if self.n_source else [],
         )
 
+    def subset(self, n_queries: int, seed: int = 0) -> TrainingSet:
+        """n random queries with the whole corpus kept (the softmax still runs over every document)."""
+        if n_queries >= len(self.queries):
+            return self
+        keep = sorted(random.Random(seed).sample(range(len(self.queries)), n_queries))
+        return self._queries_at(keep)
+
     def restricted_to(self, query_ids: Iterable[str]) -> TrainingSet:
         """Only these queries (in the set's own order), the corpus kept whole: variants of one experiment train
         on the same queries, and the exact softmax still runs over every document."""
         wanted = set(query_ids)
         keep = [i for i, q in enumerate(self.query_ids) if q in wanted]
-        return TrainingSet(
-            [self.query_ids[i] for i in keep],
-            [self.queries[i] for i in keep],
-            self.doc_ids,
-            self.documents,
-            [self.positives[i] for i in keep],
-            [self.hard_negatives[i] for i in keep],
-            [self.masked[i] for i in keep],
-            {**self.counts, "queries": len(keep)},
-            [self.n_source[i] for i in keep] if self.n_source else [],
-        )
+        return self._queries_at(keep)
 
     def unfiltered(self) -> TrainingSet:
         """The same data as if nothing had been verified: only source positives, every mined candidate a negative.

@@ -51,6 +51,7 @@ from annotator.worker import WorkerConfig
 from kombinat_api import queue as kq
 from kombinat_api.auth import issue_token
 from kombinat_api.db import make_engine
+from kombinat_api.settings import Settings
 from tests.support.kombinat_server import (
     TEST_MODEL,
     bearer,
@@ -379,8 +380,8 @@ def bare_ceiling(
                 with conn.transaction():
                     rows = conn.execute(
                         kq.CLAIM_SQL,
-                        {**model, "cid": cid, "n": batch_size, "hp_expected": batch_size * 0.07, "bid": bid,
-                         "lease": 900.0},
+                        {**model, "cid": cid, "n": batch_size, "hp_expected": batch_size * 0.07,
+                         "hp_cap": Settings().honeypot_max_exposure, "bid": bid, "lease": 900.0},
                     ).fetchall()  # fmt: skip
                 t1 = time.perf_counter()
                 pairs = [r[2] for r in rows if r[2] is not None]

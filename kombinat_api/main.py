@@ -42,6 +42,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             generic_plans=settings.hot_path_generic_plans,
         )
         await hot_pool.open()
+        # the claim retires honeypots with the cap of its moment; a changed KOMBINAT_HONEYPOT_MAX_EXPOSURE applies
+        # to the whole pool from here on
+        with engine.begin() as conn:
+            queue.reconcile_honeypot_cap(conn, settings.honeypot_max_exposure)
         app.state.engine = engine
         app.state.hot_pool = hot_pool
         upkeep = (

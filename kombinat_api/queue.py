@@ -104,21 +104,35 @@ def enqueue_honeypots(conn: Connection, honeypots: Sequence[dict[str, Any]]) -> 
 # Claim
 
 
-def _unseen_honeypots(side: str) -> str:
-    """CLAIM_SQL's scan of the honeypots the contributor has never been shown, in key order, on one ``side``
-    ('>=' or '<') of hp_start's random point: the claim reads from the point up, then from the bottom up to it.
-    Both halves come from here so they cannot drift apart; the statement sent is the same literal text."""
+def _servable_honeypots(side: str) -> str:
+    """CLAIM_SQL's scan of the honeypots it may hand out, in key order, on one ``side`` ('>=' or '<') of hp_start's
+    random point: the claim reads from the point up, then from the bottom up to it. Servable: never shown to this
+    contributor, not retired (shown to hp_cap contributors already), and out with no other batch now (migration
+    0005; rows are locked, or re-checked after the lock, so two claims at once never both take one). Both halves
+    come from here so they cannot drift apart."""
     return f"""
-        (SELECT h.pair_id FROM honeypot h
-         WHERE h.pair_id {side} (SELECT u FROM hp_start) AND (SELECT tier FROM m) IS NOT NULL
-           -- OFFSET 0 keeps both checks per-honeypot probes of (pair_id, contributor_id) keys: as anti joins
-           -- the planner walked the whole label index or scanned all of batch_honeypot, costs that grew with
-           -- every label and every batch stored.
-           AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
-                           WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s OFFSET 0)
-           AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = %(cid)s
-                           OFFSET 0)
-         ORDER BY h.pair_id LIMIT %(n)s)"""
+        SELECT h.pair_id FROM honeypot h
+        WHERE h.pair_id {side} (SELECT u FROM hp_start)
+          AND NOT h.retired AND kombinat_hp_free(h.held_until)
+          -- OFFSET 0 keeps both checks per-honeypot probes of (pair_id, contributor_id) keys: as anti joins
+          -- the planner walked the whole label index or scanned all of batch_honeypot, costs that grew with
+          -- every label and every batch stored.
+          AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
+                          WHERE bh.pair_id = h.pair_id AND bh.contributor_id = %(cid)s OFFSET 0)
+          AND NOT EXISTS (SELECT 1 FROM label l WHERE l.pair_id = h.pair_id AND l.contributor_id = %(cid)s
+                          OFFSET 0)
+        ORDER BY h.pair_id"""
+
+
+RECONCILE_HONEYPOT_CAP_SQL = """
+UPDATE honeypot SET retired = served >= %(cap)s WHERE retired IS DISTINCT FROM (served >= %(cap)s)
+"""
+
+
+def reconcile_honeypot_cap(conn: Connection, cap: int) -> int:
+    """Retire exactly the honeypots served ``cap`` times or more (run at start-up: the claim retires a honeypot
+    with the cap of its moment, so a raised cap brings retired ones back and a lowered one retires more)."""
+    return conn.exec_driver_sql(RECONCILE_HONEYPOT_CAP_SQL, {"cap": cap}).rowcount
 
 
 # Honeypots are drawn at random among those the contributor has never been shown (a share of the batch).
@@ -140,16 +154,22 @@ WITH async_commit AS (
     WHERE backend = %(backend)s AND model_id = %(model_id)s AND quantization = %(quantization)s AND admitted
 ), hp_start AS (
     SELECT gen_random_uuid() AS u
-), hp_pick AS (
-    -- Honeypots from a random point of the (random) ID space onwards, wrapping around: an index range
-    -- scan instead of sorting every honeypot by random() on each claim.
-    SELECT pair_id FROM (
-        {_unseen_honeypots(">=")}
-        UNION ALL
-        {_unseen_honeypots("<")}
-    ) wrapped
+), hp_n AS (
     -- randomized rounding keeps the expected share exact for any batch size; one slot stays ordinary
-    LIMIT least(floor(%(hp_expected)s + random())::int, %(n)s - 1)
+    SELECT CASE WHEN (SELECT tier FROM m) IS NULL THEN 0
+                ELSE least(floor(%(hp_expected)s + random())::int, %(n)s - 1) END AS k
+), hp_hi AS (
+    -- Honeypots from a random point of the (random) ID space onwards, wrapping around: an index range
+    -- scan instead of sorting every honeypot by random() on each claim. Locked like ordinary pairs.
+    {_servable_honeypots(">=")}
+    LIMIT (SELECT k FROM hp_n)
+    FOR UPDATE OF h SKIP LOCKED
+), hp_lo AS (
+    {_servable_honeypots("<")}
+    LIMIT (SELECT k FROM hp_n) - (SELECT count(*) FROM hp_hi)
+    FOR UPDATE OF h SKIP LOCKED
+), hp_pick AS (
+    SELECT pair_id FROM hp_hi UNION ALL SELECT pair_id FROM hp_lo
 ), exp AS (
     SELECT p.pair_id, p.ctid AS tid FROM pair p
     WHERE p.state = 'leased' AND p.lease_expires_at < now() AND p.tier <= (SELECT tier FROM m)
@@ -183,6 +203,13 @@ WITH async_commit AS (
     SELECT %(bid)s, pair_id, %(cid)s FROM hp
     ON CONFLICT (pair_id, contributor_id) DO NOTHING
     RETURNING pair_id
+), hp_hold AS (
+    -- one more contributor has seen it, and it is this batch's until answered, released or expired
+    -- (triggers of migration 0005 free it and follow the batch's lease)
+    UPDATE honeypot h SET served = h.served + 1, retired = h.served + 1 >= %(hp_cap)s, held_by = %(bid)s,
+                          held_until = now() + make_interval(secs => %(lease)s)
+    WHERE h.pair_id = ANY(ARRAY(SELECT pair_id FROM hpi))
+    RETURNING 1
 ), nb AS (
     -- the batch keeps the registry's prompt version and calibration of this moment: its labels are judged
     -- with them whatever the registry says later (routes/work.py)
@@ -229,8 +256,10 @@ async def claim(
     model: dict[str, str],
     lease_seconds: int,
     honeypot_fraction: float,
+    honeypot_max_exposure: int,
 ) -> ClaimResult:
-    """Lease up to ``size`` pairs (honeypots included) to the contributor in one statement."""
+    """Lease up to ``size`` pairs (honeypots included) to the contributor in one statement; a honeypot goes to at
+    most ``honeypot_max_exposure`` contributors in all."""
     batch_id = uuid.uuid4()
     fraction = min(max(honeypot_fraction, 0.0), 0.9)
     await cur.execute(
@@ -244,6 +273,7 @@ async def claim(
             "cid": contributor_id,
             "n": size,
             "hp_expected": size * fraction,
+            "hp_cap": honeypot_max_exposure,
             "bid": batch_id,
             "lease": float(lease_seconds),
         },
@@ -685,16 +715,21 @@ class HoneypotVerdict:
 
 
 @functools.lru_cache(maxsize=4096)
-def quarantine_threshold(n: int, honest_accuracy: float, alpha: float) -> int:
+def implausible_misses(n: int, honest_accuracy: float, alpha: float) -> int:
     """The fewest wrong answers out of ``n`` that an honest contributor (each answer right with probability
-    ``honest_accuracy``, independently) gives with probability below ``alpha``: P(X >= k) < alpha for
-    X ~ Binomial(n, 1 - honest_accuracy). ``n + 1`` when even n wrong answers are not that unlikely."""
+    ``honest_accuracy``, independently) gives with probability below ``alpha`` (the honeypot quarantine test and
+    trust.py's agreement test): P(X >= k) < alpha for
+    X ~ Binomial(n, 1 - honest_accuracy). ``n + 1`` when even n wrong answers are not that unlikely.
+    Terms are summed in log space: a reputation window holds thousands of comparisons, where comb(n, k) times a
+    float would overflow."""
     p = 1.0 - honest_accuracy
+    log_p, log_q = math.log(p), math.log1p(-p)
     tail = 1.0  # P(X >= k), from k = 0 upwards
     for k in range(n + 1):
         if tail < alpha:
             return k
-        tail -= math.comb(n, k) * p**k * (1 - p) ** (n - k)
+        log_term = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_p + (n - k) * log_q
+        tail -= math.exp(log_term)
     return n + 1
 
 
@@ -721,7 +756,7 @@ def check_batch_honeypots(
         return verdict
     n = verdict.answered + verdict.history_answered
     wrong = n - verdict.correct - verdict.history_correct
-    if wrong >= quarantine_threshold(n, honest_accuracy, alpha):
+    if wrong >= implausible_misses(n, honest_accuracy, alpha):
         q = conn.exec_driver_sql(QUARANTINE_SQL, {"bid": batch_id}).one()
         verdict.quarantined = True
         verdict.newly_quarantined = bool(q[0])

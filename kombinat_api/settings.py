@@ -57,9 +57,15 @@ class Settings(BaseSettings):
     # low-reputation ones, who get honeypot-heavy batches until they are trusted.
     honeypot_fraction: float = Field(default=0.07, ge=0.0, le=0.5)
     honeypot_fraction_untrusted: float = Field(default=0.3, ge=0.0, le=0.9)
+    # A honeypot is shown to at most this many contributors, then retired (GET /api/v1/admin/honeypots shows what
+    # is left): an ordinary pair is labeled by a few contributors and never shown again, so gold shown to every
+    # account would stand out to accounts that compare what they were served. The pool then serves
+    # size x honeypot_max_exposure batches' worth of honeypots; load more gold before it runs out (the agreement
+    # test below keeps checking everyone meanwhile).
+    honeypot_max_exposure: int = Field(default=3, ge=1)
     # the honeypot accuracy a contributor must show to become trusted
     honeypot_min_accuracy: float = 0.9
-    # Quarantine is a test, not a bar (queue.quarantine_threshold): a batch is quarantined when its contributor's
+    # Quarantine is a test, not a bar (queue.implausible_misses): a batch is quarantined when its contributor's
     # honeypot answers (this batch's so far, plus those of its previous quarantine_history_batches batches) make
     # an accuracy of honeypot_honest_accuracy implausible at level quarantine_alpha (one-sided binomial test).
     # An honest contributor at that accuracy loses about quarantine_alpha of its batches; docs/api.md has the rates.
@@ -68,6 +74,14 @@ class Settings(BaseSettings):
     honeypot_honest_accuracy: float = Field(default=0.9, gt=0.5, lt=1.0)
     quarantine_alpha: float = Field(default=0.005, gt=0.0, lt=0.5)
     quarantine_history_batches: int = Field(default=5, ge=0)
+
+    # The agreement test, which goes on after the honeypots a contributor may see are spent: it loses good standing
+    # (its labels stop counting) when its labels over the reputation window agree with the other counted labels
+    # of their pairs so rarely (ties count one half) that an agreement rate of agreement_honest is implausible at
+    # level agreement_alpha, given at least agreement_min_compared comparisons (docs/api.md has the rates).
+    agreement_honest: float = Field(default=0.75, gt=0.5, lt=1.0)
+    agreement_alpha: float = Field(default=0.001, gt=0.0, lt=0.5)
+    agreement_min_compared: int = Field(default=30, ge=1)
 
     # Reputation (0..1; a newcomer with no history scores 0.8, see trust.py).
     min_reputation: float = 0.5  # below this a contributor's labels stop counting toward verification

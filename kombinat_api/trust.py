@@ -1,6 +1,9 @@
 """Reputation: honeypot accuracy, agreement with other contributors, and how far a contributor's share of
 'relevant' verdicts strays from the population's. Recomputed from the labels (never incrementally drifted)
 when a batch completes or is quarantined; a change of standing recounts every pair the contributor touched.
+Besides the weighted reputation, an agreement test (a binomial test over the window's comparisons) takes the
+standing of a contributor whose labels the others contradict far beyond honest disagreement: the check that goes
+on once the honeypots it may be shown are spent.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class Reputation:
     divergence: float
     good_standing: bool
     trusted: bool
+    # the agreement test rejected an honest agreement rate (the standing is then lost whatever the reputation)
+    agreement_implausible: bool = False
 
 
 def score(
@@ -58,7 +63,13 @@ def score(
         - QUARANTINE_PENALTY * quarantined_batches
     )
     rep = min(1.0, max(0.0, rep))
-    good = not banned and rep >= settings.min_reputation
+    # The honeypots a contributor may see run out (each goes to a few contributors only); this test keeps checking
+    # it on ordinary pairs. Ties count one half, so the misses are rounded toward agreement.
+    disagreed = int(agree_total - agree_count)
+    agreement_implausible = agree_total >= settings.agreement_min_compared and disagreed >= queue.implausible_misses(
+        agree_total, settings.agreement_honest, settings.agreement_alpha
+    )
+    good = not banned and rep >= settings.min_reputation and not agreement_implausible
     hp_raw = hp_correct / hp_total if hp_total else None
     trusted = (
         good
@@ -74,6 +85,7 @@ def score(
         divergence=divergence,
         good_standing=good,
         trusted=trusted,
+        agreement_implausible=agreement_implausible,
     )
 
 

@@ -51,6 +51,58 @@ def load_honeypots(body: HoneypotRequest, request: Request) -> InsertResponse:
     return _insert_new(request, "honeypots", body.honeypots, queue.enqueue_honeypots)
 
 
+# The honeypot pool's exposure: how often each gold pair has been handed out, against the cap, and how many
+# contributors have no servable honeypot left (they are then checked only by the agreement test).
+HONEYPOT_EXPOSURE_SQL = """
+WITH pool AS (
+    SELECT served, retired, (held_by IS NOT NULL AND held_until > now()) AS held FROM honeypot
+), people AS (
+    SELECT c.id,
+           (SELECT count(*) FROM batch b JOIN batch_honeypot bh ON bh.batch_id = b.batch_id
+            WHERE b.contributor_id = c.id) AS seen,
+           (SELECT count(*) FROM honeypot h
+            WHERE NOT h.retired
+              AND NOT EXISTS (SELECT 1 FROM batch_honeypot bh
+                              WHERE bh.pair_id = h.pair_id AND bh.contributor_id = c.id)) AS servable
+    FROM contributor c WHERE NOT c.is_admin AND NOT c.banned
+)
+SELECT (SELECT count(*) FROM pool) AS pool,
+       (SELECT count(*) FROM pool WHERE retired) AS retired,
+       (SELECT count(*) FROM pool WHERE served = 0) AS never_served,
+       (SELECT count(*) FROM pool WHERE held) AS out_now,
+       (SELECT coalesce(sum(served), 0) FROM pool) AS servings,
+       (SELECT coalesce(sum(greatest(%(cap)s - served, 0)) FILTER (WHERE NOT retired), 0) FROM pool) AS servings_left,
+       (SELECT coalesce(json_object_agg(served, n), '{}'::json)
+        FROM (SELECT served, count(*) AS n FROM pool GROUP BY served ORDER BY served) x) AS by_exposure,
+       (SELECT count(*) FROM people) AS contributors,
+       (SELECT count(*) FROM people WHERE servable = 0) AS contributors_without_servable,
+       (SELECT coalesce(avg(seen), 0) FROM people) AS mean_seen
+"""
+
+
+@router.get("/honeypots")
+def honeypot_exposure(request: Request) -> dict[str, Any]:
+    """The pool's exposure. ``servings_left`` is what the pool can still hand out (each honeypot goes to at most
+    ``max_exposure`` contributors); when it nears zero, load more gold. Contributors without a servable honeypot
+    are checked by the agreement test only."""
+    cap = settings_of(request).honeypot_max_exposure
+    with engine_of(request).connect() as conn:
+        row = conn.exec_driver_sql(HONEYPOT_EXPOSURE_SQL, {"cap": cap}).mappings().one()
+    return {
+        "pool": row["pool"],
+        "max_exposure": cap,
+        "retired": row["retired"],
+        "never_served": row["never_served"],
+        "out_now": row["out_now"],
+        "servings": row["servings"],
+        "servings_left": row["servings_left"],
+        "by_exposure": {str(k): v for k, v in row["by_exposure"].items()},
+        "contributors": row["contributors"],
+        "contributors_without_servable": row["contributors_without_servable"],
+        "mean_seen_per_contributor": float(row["mean_seen"]),
+    }
+
+
 def _page_size(request: Request, limit: int | None) -> int:
     settings = settings_of(request)
     if limit is None:

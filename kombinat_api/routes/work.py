@@ -68,6 +68,7 @@ async def claim_batch(body: ClaimRequest, request: Request, token: str = Depends
             body.model.model_dump(),
             settings.lease_seconds,
             fraction,
+            settings.honeypot_max_exposure,
         )
     if not result.admitted:
         m = body.model

@@ -130,7 +130,7 @@ def test_cli_migrate_admin_token_honeypots_stats() -> None:
         assert current_revision(url) is None
         result = runner.invoke(cli, ["migrate", "--database-url", url])
         assert result.exit_code == 0, result.output
-        assert current_revision(url) == "0004_calibration_configs"
+        assert current_revision(url) == "0005_honeypot_exposure"
         # Migrating again is a no-op.
         assert runner.invoke(cli, ["migrate", "--database-url", url]).exit_code == 0
         token = runner.invoke(cli, ["create-admin-token", "--name", "pipeline", "--database-url", url])

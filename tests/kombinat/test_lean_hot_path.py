@@ -87,7 +87,7 @@ def test_the_hot_path_runs_prepared_generic_plans(database_url: str, kmb: Kombin
                     # what the claim endpoint runs: the caller's token check, then the claim
                     await resolve_async(cur, alice.token, 100, 100, generic_plans=generic)
                     assert cur.connection.prepare_threshold == 0
-                    await queue.claim(cur, alice.id, 3, model_info(), 900, 0.0)
+                    await queue.claim(cur, alice.id, 3, model_info(), 900, 0.0, 3)
             async with async_transaction(pool) as cur:
                 await cur.execute(
                     "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE %s",
@@ -185,7 +185,15 @@ def test_the_hot_path_never_jit_compiles(database_url: str, kmb: Kombinat, hot: 
     kmb.admit()
     kmb.enqueue(20)
     alice = kmb.contributor(trusted=True)
-    params = {**model_info(), "cid": alice.id, "n": 5, "hp_expected": 0.0, "bid": uuid.uuid4(), "lease": 900.0}
+    params = {
+        **model_info(),
+        "cid": alice.id,
+        "n": 5,
+        "hp_expected": 0.0,
+        "hp_cap": 3,
+        "bid": uuid.uuid4(),
+        "lease": 900.0,
+    }
     with _pooled_connection(database_url, generic_plans=hot) as conn, conn.transaction(force_rollback=True):
         # JIT on whatever the server's own configuration says, so only the token check can turn it off
         conn.execute("SET LOCAL jit = on")
@@ -240,12 +248,20 @@ def test_generic_plans_reach_labels_only_by_their_key(database_url: str, kmb: Ko
     second = kmb.claim(alice, 10)
     model = model_info()
     claim_types = {"backend": "text", "model_id": "text", "quantization": "text", "annotator_version": "text",
-                   "prompt_version": "text", "cid": "bigint", "n": "int", "hp_expected": "float8", "bid": "uuid",
-                   "lease": "float8"}  # fmt: skip
+                   "prompt_version": "text", "cid": "bigint", "n": "int", "hp_expected": "float8",
+                   "hp_cap": "int", "bid": "uuid", "lease": "float8"}  # fmt: skip
     submit_types = {"labels": "text", "bid": "uuid", "cid": "bigint", "annotator_version": "text", "lease": "float8",
                     "min_agree": "float8", "max_per_tier": "int", "max_tier": "int"}  # fmt: skip
     release_types = {"bid": "uuid", "cid": "bigint", "all": "boolean", "ids": "uuid[]"}
-    claim_params = {**model, "cid": alice.id, "n": 20, "hp_expected": 1.0, "bid": uuid.uuid4(), "lease": 900.0}
+    claim_params = {
+        **model,
+        "cid": alice.id,
+        "n": 20,
+        "hp_expected": 1.0,
+        "hp_cap": 3,
+        "bid": uuid.uuid4(),
+        "lease": 900.0,
+    }
     release_params = {"bid": uuid.UUID(second["batch_id"]), "cid": alice.id, "all": True, "ids": []}
     submit_params = _submit_params(alice.id, second["batch_id"], ids[50:])
     statements = {

@@ -183,9 +183,7 @@ def test_distinct_models_a_quarantined_configuration_stops_counting(distinct: Ko
     gold = kmb.honeypots(20)
     honest, cheat = kmb.contributor(trusted=True), kmb.contributor()
     label_one(kmb, honest, pid, True)
-    b = kmb.claim(
-        cheat, 10, OTHER
-    )  # 3 honeypots: all wrong is evidence enough (kombinat_api.queue.quarantine_threshold)
+    b = kmb.claim(cheat, 10, OTHER)  # 3 honeypots: all wrong is evidence enough (kombinat_api.queue.implausible_misses)
     assert pid in {p["pair_id"] for p in b["pairs"]}
     assert kmb.submit(cheat, b["batch_id"], {pid: True}, OTHER).status_code == 200
     assert (kmb.pair(pid).status, kmb.pair(pid).n_model_configs) == ("verified", 2)

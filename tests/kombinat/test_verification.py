@@ -198,3 +198,16 @@ def test_reputation_formula_orders_contributors_sensibly() -> None:
     assert good.trusted and not new.trusted and not careless.trusted
     assert new.good_standing and not yes_sayer.good_standing
     assert yes_sayer.divergence > good.divergence
+
+
+def test_agreement_test_takes_standing_from_a_contributor_whose_honeypots_look_fine() -> None:
+    """A perfect honeypot record does not save labels that the others contradict far beyond honest disagreement
+    (the sleeper that inverts once the honeypots it may see are spent); honest disagreement does not cost it."""
+    settings = Settings()  # agreement_honest 0.75 at alpha 0.001, from 30 comparisons on
+    sleeper = trust.score(40, 40, 200, 60, 500, 250, 0.5, 0, False, settings)
+    honest_but_different = trust.score(40, 38, 200, 140, 500, 250, 0.5, 0, False, settings)  # 70 % agreement
+    too_little_evidence = trust.score(40, 40, 20, 2, 500, 250, 0.5, 0, False, settings)
+    assert sleeper.reputation >= settings.min_reputation  # the weighted reputation alone would keep it
+    assert sleeper.agreement_implausible and not sleeper.good_standing and not sleeper.trusted
+    assert not honest_but_different.agreement_implausible and honest_but_different.good_standing
+    assert not too_little_evidence.agreement_implausible

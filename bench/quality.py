@@ -11,7 +11,8 @@ the same candidates (those labeled), from all-MiniLM-L6-v2, with the same steps,
 (embedkomb_pipeline/training/variants.py says what each does):
 
   base, unfiltered, positive_aware (NV-Retriever's label-free 95% filter), infonce_labels, exact_labels,
-  exact_masked (every candidate masked, no labels: is it the labels or the masking?)
+  exact_masked (every candidate masked, no labels: is it the labels or the masking?), exact_labels_masked (labels,
+  but a "relevant" verdict masks the candidate instead of making it a positive)
 
 Evaluation through the project's mteb harness on local folders: SciFact test, NFCorpus test and the TREC DL19 judged
 pool as a retrieval task (43 queries over 9,139 judged passages, graded qrels). Caveat: SciFact's and NFCorpus's
@@ -51,7 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LABELS = REPO / "bench" / "results" / "training_labels" / "labels.parquet"
 DEFAULT_TASKS = ("scifact", "nfcorpus", "msmarco-dl19-judged")
 COMPARISONS = (("exact_labels", "unfiltered"), ("exact_labels", "positive_aware"), ("infonce_labels", "unfiltered"),
-               ("exact_labels", "exact_masked"), ("exact_labels", "base"))  # fmt: skip
+               ("exact_labels", "exact_masked"), ("exact_labels", "base"), ("exact_labels_masked", "unfiltered"),
+               ("exact_labels_masked", "positive_aware"), ("exact_labels_masked", "exact_masked"))  # fmt: skip
 
 
 def settings_of(args: argparse.Namespace, labels: pl.DataFrame, hp: Hyperparameters) -> dict[str, Any]:

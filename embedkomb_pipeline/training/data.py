@@ -136,6 +136,24 @@ class TrainingSet:
             [n_source[i] for i in keep],
         )
 
+    def relevant_masked(self) -> TrainingSet:
+        """Verified-relevant candidates masked instead of pulled in as positives; verified non-relevant ones stay
+        negatives. The cautious use of a weak labeler's "relevant": such a candidate is kept out of the loss
+        rather than trained toward, so a wrong "relevant" costs nothing but one negative."""
+        n_source = self.n_source or [len(p) for p in self.positives]
+        keep = [i for i, k in enumerate(n_source) if k]
+        return TrainingSet(
+            [self.query_ids[i] for i in keep],
+            [self.queries[i] for i in keep],
+            self.doc_ids,
+            self.documents,
+            [self.positives[i][: n_source[i]] for i in keep],
+            [self.hard_negatives[i] for i in keep],
+            [sorted(set(self.masked[i]) | set(self.positives[i][n_source[i] :])) for i in keep],
+            {**self.counts, "queries": len(keep), "relevant_masked": 1},
+            [n_source[i] for i in keep],
+        )
+
 
 def export_files(export_root: Path, splits: Sequence[str], up_to_cycle: str) -> list[Path]:
     """The verified export's files of these splits for every cycle ≤ up_to_cycle (cycle keys sort in order)."""

@@ -8,6 +8,8 @@ steps, batch size and learning rate; they differ only in how the mined candidate
   positive_aware  InfoNCE, candidates above 95% of the positive's similarity masked (NV-Retriever, label-free);
   infonce_labels  InfoNCE, verified relevant → positives, verified non-relevant → hard negatives, unverified masked;
   exact_labels    exact softmax over the whole corpus with the same labels (coordinate ascent, two phases);
+  exact_labels_masked  the same, but verified relevant candidates masked instead of trained toward as positives
+                  (a weak labeler's "relevant" then costs one negative, never a wrong positive);
   exact_masked    exact softmax with every mined candidate masked and no labels: is it the labels, or the masking?
 """
 
@@ -39,6 +41,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("infonce_labels", "infonce", True, "InfoNCE, verified labels (relevant → positive, else negative)"),
         Variant("exact_labels", "exact", True, "exact softmax over the corpus, verified labels"),
         Variant("exact_masked", "exact", False, "exact softmax, every mined candidate masked, no labels"),
+        Variant("exact_labels_masked", "exact", True, "exact softmax, labels; relevant masked, not positives"),
     )
 }
 
@@ -74,6 +77,8 @@ def training_data(
         return positive_aware_filter(labeled.unfiltered(), encode, margin)
     if name in ("infonce_labels", "exact_labels"):
         return labeled
+    if name == "exact_labels_masked":
+        return labeled.relevant_masked()
     return unlabeled
 
 

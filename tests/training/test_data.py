@@ -144,6 +144,14 @@ def test_every_variant_sees_the_same_queries_and_candidates_treated_its_own_way(
     assert data["exact_masked"] is unlabeled and not any(unlabeled.hard_negatives)
     assert sum(map(len, data["unfiltered"].hard_negatives)) == len(lake.candidate_rows)
     assert not any(data["positive_aware"].hard_negatives)  # equal similarity: above 95% of the positive's
+    # verified relevant candidates: positives for exact_labels, masked (never positives) for exact_labels_masked
+    cautious = data["exact_labels_masked"]
+    assert cautious.queries == labeled.queries and cautious.hard_negatives == labeled.hard_negatives
+    verified_relevant = [set(p[k:]) for p, k in zip(labeled.positives, labeled.n_source, strict=True)]
+    assert any(verified_relevant)
+    for q, relevant in enumerate(verified_relevant):
+        assert relevant <= set(cautious.masked[q]) and not relevant & set(cautious.positives[q])
+        assert set(labeled.masked[q]) <= set(cautious.masked[q])
     hp = Hyperparameters(steps=10, batch_size=8)
     infonce, exact = train_config("unfiltered", hp, 3, 40), train_config("exact_labels", hp, 3, 40)
     assert (infonce.loss, infonce.phases, infonce.max_steps_per_phase) == ("infonce", 1, 10)

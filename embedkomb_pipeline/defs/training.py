@@ -9,7 +9,7 @@ import json
 import os
 import time
 import warnings
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import dagster as dg
@@ -22,9 +22,9 @@ from embedkomb_pipeline.defs.resources import (
     KombinatResource,
     LakeResource,
 )
-from embedkomb_pipeline.mining.embedding import default_base_model_path
-from embedkomb_pipeline.training.checkpoint import train_checkpoint, verified_splits
-from embedkomb_pipeline.training.coordinate_ascent import TrainConfig
+from embedkomb_pipeline.training.checkpoint import MetadataEntry, verified_splits
+from embedkomb_pipeline.training.launch import TrainingJob, launch_run_command, read_failure
+from embedkomb_pipeline.training.presets import get_preset
 
 # a cycle's checkpoint reads the verified_pairs of every split of that cycle (and of earlier cycles, from the lake)
 with warnings.catch_warnings():
@@ -33,22 +33,30 @@ with warnings.catch_warnings():
 
 
 class CheckpointConfig(dg.Config):
-    """Training knobs (defaults: the 2022 recipe, lr 1e-4, batch 64, exact softmax with coordinate ascent)."""
+    """Training knobs. The model preset (training/presets.py) sets the base model, sequence length, batch, lr,
+    temperature, Matryoshka dims and cache precision; a knob set here wins over the preset's. The default, `mini`,
+    is the 2022 recipe on all-MiniLM-L6-v2: lr 1e-4, batch 64, exact softmax with coordinate ascent."""
 
+    preset: str = "mini"  # "mini" (all-MiniLM-L6-v2, offline), "base" (bge-base-en-v1.5), "large" (bge-large-en-v1.5)
+    model: str | None = None  # a Hub id or a local folder; None: the preset's (mini: dense_model.base_model_path)
+    # processes: 1 trains inside the run's process; N > 1 starts `torchrun` with N data-parallel processes (one per
+    # GPU with CUDA, gloo on CPU) through Dagster Pipes, and resumes an interrupted run from its last saved step
+    nproc: int = 1
+    save_every_steps: int | None = None  # resume state every K steps (besides each phase's end; nproc 1: only then)
     loss: str = "exact"  # "exact" or "infonce" (the baseline)
     towers: str = "shared"  # "shared" (mining uses one model) or "separate"
     phases: int = 2
     epochs_per_phase: float = 1.0
     max_steps_per_phase: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-4
-    temperature: float = 0.05
+    batch_size: int | None = None  # the global batch, all processes together; None: the preset's
+    lr: float | None = None  # None: the preset's
+    temperature: float | None = None  # None: the preset's
     chunk_size: int = 8192
-    matryoshka_dims: list[int] | None = None
+    matryoshka_dims: list[int] | None = None  # None: the preset's; []: the full size alone
     label_smoothing: float = 0.0  # exact softmax only; the 2022 recipe uses 0.01
     hard_negatives_per_query: int = 1
-    max_seq_length: int = 256
-    cache_precision: str = "fp32"  # "bf16": the frozen cache under CPU autocast (faster where AVX512-BF16 exists)
+    max_seq_length: int | None = None  # None: the preset's
+    cache_precision: str | None = None  # "fp32" or "bf16" (CPU autocast for the frozen cache); None: the preset's
     splits: list[str] | None = None  # None: every split with a verified export up to this cycle
     max_queries: int | None = None
     mask_top_k: int | None = None  # mask unverified candidates ranked ≤ this; None: all of them
@@ -56,25 +64,24 @@ class CheckpointConfig(dg.Config):
     seed: int = 0
 
 
-@dg.asset(
-    partitions_def=cycle_partitions,
-    deps=[dg.AssetDep(verified_pairs, partition_mapping=from_cycle)],
-    group_name="training",
-    kinds={"pytorch", "sentence-transformers"},
-    description=(
-        "The embedding model trained on all verified pairs up to this cycle (exact softmax with coordinate ascent "
-        "by default), in sentence-transformers format with its training config, metrics and loss curve."
-    ),
-)
-def checkpoint(
+def _dagster_metadata(entries: dict[str, MetadataEntry]) -> dict[str, Any]:
+    """training.checkpoint's (kind, value) pairs as Dagster metadata values."""
+    make = {"path": dg.MetadataValue.path, "md": dg.MetadataValue.md, "json": dg.MetadataValue.json,
+            "text": dg.MetadataValue.text}  # fmt: skip
+    return {name: make[kind](value) if kind in make else value for name, (kind, value) in entries.items()}
+
+
+def _train_checkpoint(
     context: dg.AssetExecutionContext,
     config: CheckpointConfig,
     lake: LakeResource,
     dense_model: DenseModelResource,
     checkpoint_publisher: CheckpointPublisherResource,
+    training_pipes: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     cycle = context.partition_key
-    base_model = Path(dense_model.base_model_path) if dense_model.base_model_path else default_base_model_path()
+    preset = get_preset(config.preset)
+    base_model = preset.resolve_model(config.model, mini_folder=dense_model.base_model_path)
     splits = config.splits if config.splits is not None else verified_splits(lake.export_dir, cycle)
     candidate_files = [
         p
@@ -82,9 +89,9 @@ def checkpoint(
         for p in sorted(lake.candidates_path(split, cycle).parent.parent.glob("*/candidates.parquet"))
         if p.parent.name <= cycle  # cycle keys sort in order
     ]
-    train_config = TrainConfig(
-        loss=config.loss,  # type: ignore[arg-type]
-        towers=config.towers,  # type: ignore[arg-type]
+    train_config = preset.configure(
+        loss=config.loss,
+        towers=config.towers,
         phases=config.phases,
         epochs_per_phase=config.epochs_per_phase,
         max_steps_per_phase=config.max_steps_per_phase,
@@ -92,51 +99,75 @@ def checkpoint(
         lr=config.lr,
         temperature=config.temperature,
         chunk_size=config.chunk_size,
-        matryoshka_dims=tuple(config.matryoshka_dims) if config.matryoshka_dims else None,
+        matryoshka_dims=config.matryoshka_dims,
         label_smoothing=config.label_smoothing,
         hard_negatives_per_query=config.hard_negatives_per_query,
         max_seq_length=config.max_seq_length,
-        cache_precision=config.cache_precision,  # type: ignore[arg-type]
+        cache_precision=config.cache_precision,
         seed=config.seed,
     )
-    report = train_checkpoint(
+    job = TrainingJob(
         cycle=cycle,
-        base_model=base_model,
-        export_root=lake.export_dir,
-        source_pairs={s: lake.source_pairs_path(s) for s in splits},
-        candidate_files=candidate_files,
-        out_dir=lake.checkpoint_dir(cycle),
-        config=train_config,
+        base_model=str(base_model),
+        export_root=str(lake.export_dir),
+        out_dir=str(lake.checkpoint_dir(cycle)),
+        config=asdict(train_config),
+        source_pairs={s: str(lake.source_pairs_path(s)) for s in splits},
+        candidate_files=[str(p) for p in candidate_files],
         splits=splits,
         max_queries=config.max_queries,
         mask_top_k=config.mask_top_k,
         track_objective=config.track_objective,
-        log=context.log.info,
+        preset=preset.name,
+        nproc=config.nproc,
+        save_every_steps=config.save_every_steps,
+        # in one process a resume state is kept only when asked for (it weighs a model and its Adam state)
+        resume=config.nproc > 1 or config.save_every_steps is not None,
     )
-    published = checkpoint_publisher.publish(report.out_dir, cycle)
+    if config.nproc > 1:
+        try:
+            invocation = training_pipes.run(context=context, command=launch_run_command(job.write()))
+        except Exception as error:  # Dagster's Pipes error type is not public: the failure file tells ours apart
+            failure = read_failure(job)
+            if failure is None:
+                raise
+            raise dg.Failure(
+                description=failure.describe(),
+                metadata={
+                    "failed_rank": failure.rank,
+                    "error": failure.error,
+                    "log_path": dg.MetadataValue.path(failure.log_path or ""),
+                    "log_tail": dg.MetadataValue.md(f"```\n{failure.log_tail}\n```"),
+                },
+            ) from error
+        metadata: dict[str, Any] = dict(invocation.get_materialize_result().metadata or {})
+    else:
+        report = job.train(log=context.log.info)
+        metadata = _dagster_metadata(report.metadata(base_model))
+    published = checkpoint_publisher.publish(lake.checkpoint_dir(cycle), cycle)
     if published is not None:
         context.log.info(f"pushed to the Hub: {published.commit_url} (tag {published.tag})")
-    metrics = report.result.metrics()
-    objective = {k: metrics[k] for k in ("objective_before", "objective_after") if metrics[k] is not None}
-    return dg.MaterializeResult(
-        metadata={
-            **objective,
-            "model_path": dg.MetadataValue.path(str(report.model_dir)),
-            "base_model": str(base_model),
-            "device": report.result.device,
-            "splits": report.splits,
-            "training_set": dg.MetadataValue.json(report.data.counts),
-            "steps": metrics["steps"],
-            "examples_per_second": metrics["examples_per_second"],
-            "final_step_loss": report.result.steps[-1]["loss"] if report.result.steps else None,
-            "metrics": dg.MetadataValue.json(json.loads((report.out_dir / "metrics.json").read_text())),
-            "loss_curve": dg.MetadataValue.md(report.loss_curve_markdown()),
-            "loss_curve_path": dg.MetadataValue.path(str(report.paths["loss_curve"])),
-            "seconds": round(report.seconds, 1),
-            "hub_commit": dg.MetadataValue.url(published.commit_url) if published else "not published",
-        }
-    )
+    metadata["hub_commit"] = dg.MetadataValue.url(published.commit_url) if published else "not published"
+    return dg.MaterializeResult(metadata=metadata)
 
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", dg.BetaWarning)  # resource_defs on an asset: beta in Dagster 1.13
+    checkpoint = dg.asset(
+        name="checkpoint",
+        partitions_def=cycle_partitions,
+        deps=[dg.AssetDep(verified_pairs, partition_mapping=from_cycle)],
+        group_name="training",
+        kinds={"pytorch", "sentence-transformers"},
+        description=(
+            "The embedding model trained on all verified pairs up to this cycle (exact softmax with coordinate ascent "
+            "by default), in sentence-transformers format with its training config, metrics and loss curve."
+        ),
+        # Training with nproc > 1 runs in its own processes (torchrun) through Dagster Pipes. The client is bound here,
+        # on the asset, so that every place that materializes `checkpoint` with its own resources keeps working; a
+        # Kubernetes deployment swaps it for dagster-k8s' PipesK8sClient (docs/deploy.md, "Training on GPUs").
+        resource_defs={"training_pipes": dg.PipesSubprocessClient()},
+    )(_train_checkpoint)
 
 checkpoint_job = dg.define_asset_job(
     "checkpoint_job",

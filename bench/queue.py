@@ -427,6 +427,386 @@ def bare_ceiling(
     }
 
 
+# --------------------------------------------------------------------------------------------------------
+# Depth mode (--depth N): claim and submit with N pairs queued, against 200k in the same run
+
+DEPTH_BASELINE = 200_000
+
+
+def depth_pool(data_dir: str) -> list[str]:
+    """Real sentences (SciFact, NFCorpus, MS MARCO subset) for short real-shaped pair texts; COPY-safe."""
+    from bench.mining_scale import sentence_pool
+
+    return [" ".join(s.replace("\\", "/").split()) for s in sentence_pool(__import__("pathlib").Path(data_dir))]
+
+
+def depth_rows(pool: list[str], n: int, seed: int) -> Any:
+    """n pairs: a query of one sentence's first 8 words, a document of one sentence (~150 chars), random priority."""
+    rng = random.Random(seed)
+    size = len(pool)
+    for _ in range(n):
+        query = " ".join(pool[rng.randrange(size)].split()[:8])
+        yield (uuid.UUID(int=rng.getrandbits(128), version=4), query, pool[rng.randrange(size)], "depth", "c000",
+               rng.random())  # fmt: skip
+
+
+def copy_load(database_url: str, pool: list[str], n: int, seed: int, chunk: int = 1_000_000) -> dict[str, Any]:
+    """Enqueue n pairs through kombinat_api.queue.copy_enqueue_pairs, one transaction per chunk."""
+    engine = make_engine(database_url, 1, 0)
+    started = time.perf_counter()
+    per_chunk: list[float] = []
+    new = 0
+    for i, start in enumerate(range(0, n, chunk)):
+        t0 = time.perf_counter()
+        with engine.begin() as conn:
+            new += kq.copy_enqueue_pairs(conn, depth_rows(pool, min(chunk, n - start), seed * 100_003 + i))
+        per_chunk.append(min(chunk, n - start) / (time.perf_counter() - t0))
+        print(f"  COPY enqueue: {start + min(chunk, n - start):,} / {n:,} pairs, {per_chunk[-1]:,.0f} pairs/s "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    engine.dispose()
+    seconds = time.perf_counter() - started
+    return {"pairs": n, "new": new, "seconds": round(seconds, 1), "pairs_per_s": round(n / seconds),
+            "pairs_per_s_per_chunk_min_max": [round(min(per_chunk)), round(max(per_chunk))]}  # fmt: skip
+
+
+DEPTH_FILL_SQL = """
+INSERT INTO enqueue_stage (pair_id, query, document, split, cycle, priority)
+SELECT gen_random_uuid(),
+       (SELECT q FROM depth_pool WHERE i = 1 + (g * 7919 + %(salt)s) %% %(n)s),
+       (SELECT d FROM depth_pool WHERE i = 1 + (g * 104729 + %(salt)s * 3) %% %(n)s),
+       'depth', 'c000', random()
+FROM generate_series(1::bigint, %(rows)s::bigint) g
+"""
+
+
+def server_fill(
+    database_url: str, dsn: str, pool: list[str], n: int, budget_s: float, chunk: int = 1_000_000
+) -> dict[str, Any]:
+    """Fill the queue by n more pairs generated inside PostgreSQL (from a table of the same real sentences) and
+    merged by the very statement the COPY path runs (kombinat_api.queue.COPY_MERGE_SQL). A documented bypass of
+    the client transport only: a Python row generator on a CPU shared with other jobs could not feed 20M rows in
+    the time box; the client COPY rate is measured separately on 1M rows."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS depth_pool (i int PRIMARY KEY, q text NOT NULL, d text NOT NULL)")
+        conn.execute("TRUNCATE depth_pool")
+        with conn.cursor().copy("COPY depth_pool (i, q, d) FROM STDIN") as copy:
+            for i, sentence in enumerate(pool, start=1):
+                copy.write_row((i, " ".join(sentence.split()[:8]), sentence))
+    engine = make_engine(database_url, 1, 0)
+    started = time.perf_counter()
+    new = 0
+    for k, start in enumerate(range(0, n, chunk)):
+        if time.perf_counter() - started > budget_s:
+            print(f"  server-side fill stopped at {start:,} pairs: its {budget_s:.0f} s budget is spent", flush=True)
+            n = start
+            break
+        rows = min(chunk, n - start)
+        t0 = time.perf_counter()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(kq.COPY_STAGE_SQL)
+            conn.exec_driver_sql(DEPTH_FILL_SQL, {"rows": rows, "n": len(pool), "salt": k * 1_000_003})
+            new += int(conn.exec_driver_sql(kq.COPY_MERGE_SQL).scalar_one())
+        print(f"  server-side fill: {start + rows:,} / {n:,} pairs, {rows / (time.perf_counter() - t0):,.0f} pairs/s "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    engine.dispose()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE depth_pool")
+    seconds = time.perf_counter() - started
+    return {"pairs": n, "new": new, "seconds": round(seconds, 1), "pairs_per_s": round(n / seconds)}
+
+
+def json_load(database_url: str, pool: list[str], n: int, seed: int, chunk: int = 50_000) -> dict[str, Any]:
+    """The baseline: the same rows through enqueue_pairs (the JSON recordset statement the admin API runs)."""
+    engine = make_engine(database_url, 1, 0)
+    rows = list(depth_rows(pool, n, seed))
+    started = time.perf_counter()
+    new = 0
+    for start in range(0, n, chunk):
+        part = [{"pair_id": r[0], "query": r[1], "document": r[2], "split": r[3], "cycle": r[4], "priority": r[5]}
+                for r in rows[start : start + chunk]]  # fmt: skip
+        with engine.begin() as conn:
+            new += kq.enqueue_pairs(conn, part)
+    seconds = time.perf_counter() - started
+    engine.dispose()
+    return {"pairs": n, "new": new, "seconds": round(seconds, 1), "pairs_per_s": round(n / seconds)}
+
+
+EXPLAIN_TIMED = "EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) "
+
+
+def measure_hot_path(
+    dsn: str, cids: list[int], batch_size: int, seconds: float, upkeep_every_s: float
+) -> dict[str, Any]:
+    """Claim + submit (chunks of 50) of the server's statements, one thread per contributor, while a thread runs
+    the server's upkeep pass (kombinat_api/upkeep.py) every ``upkeep_every_s`` seconds.
+
+    Latency is the database's own (planning + execution time from EXPLAIN ANALYZE, which runs the statement for
+    real): on a machine whose cores a nice-0 job keeps busy, these nice-19 Python clients wait for a core far
+    longer than the statements run, and a client-side p99 measured the scheduler. Client round trips are
+    reported beside it. EXPLAIN plans with the parameters' values (custom plans); the server's hot path forces
+    generic plans, which tests/kombinat/test_lean_hot_path.py pins."""
+    from kombinat_api import upkeep
+
+    model = model_info()
+    claim_lat: list[float] = []
+    submit_lat: list[float] = []
+    claim_wall: list[float] = []
+    sent: set[tuple[str, int]] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+    deadline = time.perf_counter() + seconds
+    upkeep_passes: list[float] = []
+
+    def upkeep_loop() -> None:
+        with upkeep.connect(dsn) as conn:
+            while not stop.wait(upkeep_every_s):
+                upkeep_passes.append(upkeep.vacuum_once(conn))
+
+    def timed(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any]) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        row = conn.execute(EXPLAIN_TIMED + sql, params).fetchone()
+        wall = time.perf_counter() - t0
+        plan = row[0][0] if row else {}
+        return (plan.get("Planning Time", 0.0) + plan.get("Execution Time", 0.0)) / 1000, wall
+
+    def worker(cid: int) -> None:
+        with psycopg.connect(dsn, options="-c jit=off") as conn:
+            while time.perf_counter() < deadline:
+                bid = uuid.uuid4()
+                with conn.transaction():
+                    db_s, wall = timed(
+                        conn, kq.CLAIM_SQL,
+                        {**model, "cid": cid, "n": batch_size, "hp_expected": batch_size * 0.07,
+                         "hp_cap": Settings().honeypot_max_exposure, "bid": bid, "lease": 900.0},
+                    )  # fmt: skip
+                    leased = conn.execute(
+                        "SELECT pair_id FROM pair WHERE lease_batch_id = %(b)s "
+                        "UNION ALL SELECT pair_id FROM batch_honeypot WHERE batch_id = %(b)s",
+                        {"b": bid},
+                    ).fetchall()
+                    pairs = [r[0] for r in leased]
+                with lock:
+                    claim_lat.append(db_s)
+                    claim_wall.append(wall)
+                for i in range(0, len(pairs), CHUNK):
+                    chunk = pairs[i : i + CHUNK]
+                    with conn.transaction():
+                        db_s, _ = timed(
+                            conn, kq.SUBMIT_SQL,
+                            {"labels": json.dumps([{"pair_id": str(p), "relevant": truth(str(p)), "p_relevant": 0.9,
+                                                    "grade": None, "truncated": False, "seconds": 0.1}
+                                                   for p in chunk]),
+                             "bid": bid, "cid": cid, **model, "lease": 900.0,
+                             "min_agree": 0.66, "max_per_tier": 3, "max_tier": 1},
+                        )  # fmt: skip
+                    with lock:
+                        submit_lat.append(db_s)
+                        sent.update((str(p), cid) for p in chunk)
+
+    upkeeper = threading.Thread(target=upkeep_loop)
+    upkeeper.start()
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(cid,)) for cid in cids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    stop.set()
+    upkeeper.join()
+    with psycopg.connect(dsn) as conn:
+        mine = "FROM label WHERE contributor_id = ANY(%s)"
+        stored = {(str(p), c) for p, c in conn.execute(f"SELECT pair_id, contributor_id {mine}", (cids,)).fetchall()}
+        rows_stored = conn.execute(f"SELECT count(*) {mine}", (cids,)).fetchone()
+    return {
+        "threads": len(cids), "elapsed_s": round(elapsed, 1), "claims": len(claim_lat),
+        "labels_sent": len(sent), "labels_per_s": round(len(sent) / elapsed, 1),
+        "claim_p50_ms": round(pct(claim_lat, 0.5) * 1000, 2), "claim_p99_ms": round(pct(claim_lat, 0.99) * 1000, 2),
+        "submit_p50_ms": round(pct(submit_lat, 0.5) * 1000, 2), "submit_p99_ms": round(pct(submit_lat, 0.99) * 1000, 2),
+        "claim_client_round_trip_p50_ms": round(pct(claim_wall, 0.5) * 1000, 2),
+        "claim_client_round_trip_p99_ms": round(pct(claim_wall, 0.99) * 1000, 2),
+        "lost_labels": len(sent - stored), "unexpected_labels": len(stored - sent),
+        "duplicated_labels": int(rows_stored[0]) - len(stored) if rows_stored else -1,
+        "upkeep_passes_s": [round(x, 2) for x in upkeep_passes],
+    }  # fmt: skip
+
+
+def relation_sizes(dsn: str) -> dict[str, int]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT c.relname, pg_relation_size(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'i') AND pg_relation_size(c.oid) > 1000000 "
+            "ORDER BY 2 DESC"
+        ).fetchall()
+        total = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+    return {**{name: int(size) for name, size in rows}, "database_total": int(total[0]) if total else 0}
+
+
+def export_all_labels(client: Any, admin: dict[str, str], page: int) -> dict[str, Any]:
+    """Page through GET /api/v1/admin/labels to the end (the app in this process), watching this process's
+    resident memory: bounded means it stays flat however many labels pass through."""
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    gc.collect()
+    rss_start = rss_max = rss_mb()
+    rss_after_first_page = 0.0
+    cursor: str | None = None
+    exported = pages = 0
+    started = time.perf_counter()
+    while True:
+        params: dict[str, Any] = {"limit": page}
+        if cursor:
+            params["after"] = cursor
+        r = client.get("/api/v1/admin/labels", params=params, headers=admin)
+        r.raise_for_status()
+        body = r.json()
+        pages += 1
+        exported += len(body["labels"])
+        del r
+        rss_max = max(rss_max, rss_mb())
+        if pages == 1:
+            rss_after_first_page = rss_mb()
+        if not body["labels"]:
+            break
+        cursor = body["next_cursor"]
+    seconds = time.perf_counter() - started
+    return {"labels": exported, "pages": pages, "page_size": page, "seconds": round(seconds, 1),
+            "labels_per_s": round(exported / seconds), "rss_mb_before": round(rss_start),
+            "rss_mb_after_first_page": round(rss_after_first_page), "rss_mb_max": round(rss_max)}  # fmt: skip
+
+
+def depth_main(args: argparse.Namespace) -> int:
+    """--depth N: COPY enqueue rate (vs the JSON statement), hot-path latency at 200k and at N queued pairs, table
+    and index sizes, upkeep passes at each depth, and a full label export through the admin API at depth.
+
+    The pairs go in through kombinat_api.queue.copy_enqueue_pairs straight on the database (the function the
+    bulk path runs; no HTTP), the claims and submits through psycopg with the server's statements and plan
+    settings (bench --ceiling's method). The export's labels are written by one SQL statement (a bypass:
+    labels for the first --export-labels queued pairs from one contributor), then read back over HTTP."""
+    dbname = create_database("kombinat_depth")
+    database_url = sqlalchemy_url(dbname)
+    dsn = admin_dsn(dbname)
+    results: dict[str, Any] = {"command": " ".join(sys.argv), "depth": args.depth}
+    with contextlib.ExitStack() as stack:
+        try:
+            return _depth_run(args, database_url, dsn, results, stack)
+        finally:
+            stack.close()
+            if not args.keep_db:
+                drop_database(dbname)
+
+
+def _depth_run(
+    args: argparse.Namespace, database_url: str, dsn: str, results: dict[str, Any], stack: contextlib.ExitStack
+) -> int:
+    migrate_database(database_url)
+    # The app runs in this process (FastAPI's TestClient: the real routes, no uvicorn), so the export's memory is
+    # this process's; a uvicorn child at nice 19 on this saturated machine did not even start within 30 s.
+    from fastapi.testclient import TestClient
+
+    from kombinat_api.main import create_app
+
+    settings = Settings(database_url=database_url, upkeep_interval_s=0.0, rate_limit_per_minute=100_000,
+                        admin_rate_limit_per_minute=100_000)  # fmt: skip
+    client = stack.enter_context(TestClient(create_app(settings)))
+    admin = bearer(make_admin_token(database_url, "bench"))
+    client.put("/api/v1/admin/models", json={"models": [TEST_MODEL]}, headers=admin).raise_for_status()
+    gold = [{"pair_id": str(uuid.uuid4()), "query": f"gold query {i}", "document": f"gold document {i}",
+             "relevant": i % 2 == 0, "grade": None, "source": "bench"}
+            for i in range(args.honeypots)]  # fmt: skip
+    client.post("/api/v1/admin/honeypots", json={"honeypots": gold}, headers=admin).raise_for_status()
+    pool = depth_pool(args.data_dir)
+    engine = make_engine(database_url, 1, 0)
+    with engine.begin() as conn:
+        cids = [
+            conn.exec_driver_sql(
+                "INSERT INTO contributor (github_id, login, trusted) VALUES (%(g)s, %(l)s, true) RETURNING id",
+                {"g": 800_000 + i, "l": f"depth{i}"},
+            ).scalar_one()
+            for i in range(2 * args.ceiling_threads + 1)
+        ]
+    engine.dispose()
+
+    # baseline depth: half through the JSON statement, half by COPY (the rates side by side)
+    results["enqueue_json"] = json_load(database_url, pool, args.depth_baseline // 2, seed=1)
+    results["enqueue_copy_baseline"] = copy_load(database_url, pool, args.depth_baseline // 2, seed=2, chunk=50_000)
+    half = args.depth_baseline // 2
+    print(f"enqueue {half:,} pairs: JSON statement {results['enqueue_json']['pairs_per_s']:,}/s, "
+          f"COPY {results['enqueue_copy_baseline']['pairs_per_s']:,}/s", flush=True)  # fmt: skip
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+    results["sizes_at_baseline"] = relation_sizes(dsn)
+    results["hot_path_at_baseline"] = measure_hot_path(
+        dsn, cids[: args.ceiling_threads], args.batch_size, args.ceiling_seconds, args.depth_upkeep_every
+    )
+    print(f"at {args.depth_baseline:,} queued: " + json.dumps(results["hot_path_at_baseline"]), flush=True)
+
+    # to depth: --depth-copy-pairs by client COPY (the rate), the rest generated server-side (see server_fill)
+    copied = min(args.depth_copy_pairs, args.depth - args.depth_baseline)
+    results["enqueue_copy_at_scale"] = copy_load(database_url, pool, copied, seed=3)
+    if args.depth - args.depth_baseline - copied > 0:
+        results["server_fill"] = server_fill(
+            database_url, dsn, pool, args.depth - args.depth_baseline - copied, args.depth_fill_budget_s
+        )
+    # the first upkeep pass after the load (the server's own statement and pacing), then the sizes
+    from kombinat_api import upkeep
+
+    with upkeep.connect(dsn) as conn:
+        results["upkeep_first_pass_after_load_s"] = round(upkeep.vacuum_once(conn), 1)
+        results["upkeep_second_pass_s"] = round(upkeep.vacuum_once(conn), 1)
+    results["sizes_at_depth"] = relation_sizes(dsn)
+    with psycopg.connect(dsn) as conn:
+        results["queued_at_depth"] = int(
+            conn.execute("SELECT count(*) FROM pair WHERE state = 'queued'").fetchone()[0]  # type: ignore[index]
+        )
+    print(f"upkeep passes after the load: {results['upkeep_first_pass_after_load_s']} s, "
+          f"{results['upkeep_second_pass_s']} s", flush=True)  # fmt: skip
+    print(f"sizes: {json.dumps(results['sizes_at_depth'])}", flush=True)
+    results["hot_path_at_depth"] = measure_hot_path(
+        dsn, cids[args.ceiling_threads : 2 * args.ceiling_threads], args.batch_size, args.ceiling_seconds,
+        args.depth_upkeep_every,
+    )  # fmt: skip
+    print(f"at {results['queued_at_depth']:,} queued: " + json.dumps(results["hot_path_at_depth"]), flush=True)
+
+    # export at depth: labels written in one statement (bypass), then paged out through the admin API
+    t0 = time.perf_counter()
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO label (pair_id, contributor_id, batch_id, relevant, p_relevant, backend, model_id, "
+            "quantization, annotator_version) "
+            "SELECT pair_id, %s, gen_random_uuid(), random() < 0.5, random(), 'bench', 'bench', 'q', 'x' "
+            "FROM pair WHERE state = 'queued' LIMIT %s",
+            (cids[-1], args.export_labels),
+        )
+    results["export_labels_written_s"] = round(time.perf_counter() - t0, 1)
+    results["export"] = export_all_labels(client, admin, args.export_page)
+    print("export: " + json.dumps(results["export"]), flush=True)
+
+    base, deep = results["hot_path_at_baseline"], results["hot_path_at_depth"]
+    ratio = deep["claim_p99_ms"] / base["claim_p99_ms"]
+    results["claim_p99_ratio_depth_over_baseline"] = round(ratio, 2)
+    results["checks"] = {
+        "claim p99 at depth within 2x of 200k": ratio <= 2.0,
+        "no label lost": base["lost_labels"] == deep["lost_labels"] == 0,
+        "no label duplicated or unexpected": base["duplicated_labels"] == deep["duplicated_labels"] == 0
+        and base["unexpected_labels"] == deep["unexpected_labels"] == 0,
+        "export returned every label": results["export"]["labels"]
+        >= args.export_labels + deep["labels_sent"] + base["labels_sent"],
+    }
+    print(f"\nclaim p99: {base['claim_p99_ms']} ms at {args.depth_baseline:,} queued (baseline) vs "
+          f"{deep['claim_p99_ms']} ms at {results['queued_at_depth']:,} (x{ratio:.2f}); submit p99 "
+          f"{base['submit_p99_ms']} vs {deep['submit_p99_ms']} ms")  # fmt: skip
+    for name, ok in results["checks"].items():
+        print(f"  [{'ok' if ok else 'FAIL'}] {name}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if all(results["checks"].values()) else 1
+
+
 def non_negative_float(value: str) -> float:
     """A rate of 0 or more, checked before anything is started."""
     try:
@@ -493,6 +873,19 @@ def main() -> int:
         "(kombinat's default); --no-hot-path-generic-plans plans every call afresh",
     )
     ap.add_argument("--keep-db", action="store_true")
+    ap.add_argument("--depth", type=int, default=0, help="depth mode: claim/submit with this many pairs queued")
+    ap.add_argument("--depth-baseline", type=int, default=DEPTH_BASELINE, help="depth mode: the baseline depth")
+    ap.add_argument("--depth-copy-pairs", type=int, default=1_000_000, help="depth mode: pairs sent by client COPY")
+    ap.add_argument("--depth-fill-budget-s", type=float, default=3600.0, help="depth mode: stop filling after this")
+    ap.add_argument("--depth-upkeep-every", type=float, default=10.0, help="depth mode: upkeep pass interval, s")
+    ap.add_argument("--export-labels", type=int, default=1_000_000, help="depth mode: labels the export pages out")
+    ap.add_argument("--export-page", type=int, default=10_000, help="depth mode: export page size")
+    ap.add_argument(
+        "--data-dir",
+        default=os.environ.get(
+            "EMBEDKOMB_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+        ),
+    )
     ap.add_argument("--json-out", default="")
     ap.add_argument(
         "--latency-log",
@@ -501,6 +894,12 @@ def main() -> int:
         "as CLOCK_MONOTONIC), its latency in ms, its kind",
     )
     args = ap.parse_args()
+    if args.depth:
+        if args.depth <= args.depth_baseline:
+            ap.error(f"--depth must be above the {args.depth_baseline:,}-pair baseline, got {args.depth}")
+        if args.json_out and not os.path.isdir(os.path.dirname(os.path.abspath(args.json_out))):
+            ap.error(f"--json-out {args.json_out}: no such folder")
+        return depth_main(args)
     # Output files are checked before a run of minutes, not found unwritable at its end with the figures lost.
     for flag, path in (("--json-out", args.json_out), ("--latency-log", args.latency_log)):
         if path:

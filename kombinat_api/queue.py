@@ -12,11 +12,12 @@ import itertools
 import json
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypedDict, cast
 
+import psycopg
 from psycopg import AsyncCursor
 from sqlalchemy import Connection
 
@@ -28,27 +29,33 @@ from kombinat_api.schemas import DEFAULT_PROMPT_VERSION
 # Enqueue
 
 
-ENQUEUE_SQL = """
-WITH input AS (
-    SELECT * FROM json_to_recordset(%(pairs)s::json)
-        AS t(pair_id uuid, query text, document text, split text, cycle text, priority float8)
-), ins AS (
+def _merge_pairs_sql(source: str, honeypot: str, state: str) -> str:
+    """The statement part both enqueue paths share: the new rows of ``source`` (pair_id, query, document, split,
+    cycle, priority) into pair and pair_content, skipping pairs already there; selects how many were new."""
+    return f"""
+ins AS (
     INSERT INTO pair (pair_id, split, cycle, priority, is_honeypot, state)
-    SELECT pair_id, split, cycle, priority, %(honeypot)s,
-           CASE WHEN %(honeypot)s THEN 'honeypot' ELSE 'queued' END
-    FROM input
+    SELECT pair_id, split, cycle, priority, {honeypot}, {state}
+    FROM {source}
     -- Stored hardest first, so the rows one claim takes (and their text) sit on few pages.
     ORDER BY priority DESC
     ON CONFLICT (pair_id) DO NOTHING
     RETURNING pair_id
 ), content AS (
     INSERT INTO pair_content (pair_id, query, document)
-    SELECT i.pair_id, i.query, i.document FROM input i JOIN ins USING (pair_id)
-    ORDER BY i.priority DESC
+    SELECT s.pair_id, s.query, s.document FROM {source} s JOIN ins USING (pair_id)
+    ORDER BY s.priority DESC
     ON CONFLICT (pair_id) DO NOTHING
 )
 SELECT count(*) FROM ins
 """
+
+
+ENQUEUE_SQL = """
+WITH input AS (
+    SELECT * FROM json_to_recordset(%(pairs)s::json)
+        AS t(pair_id uuid, query text, document text, split text, cycle text, priority float8)
+),""" + _merge_pairs_sql("input", "%(honeypot)s", "CASE WHEN %(honeypot)s THEN 'honeypot' ELSE 'queued' END")
 
 
 def enqueue_pairs(conn: Connection, pairs: Sequence[dict[str, Any]], honeypot: bool = False) -> int:
@@ -70,6 +77,42 @@ def enqueue_pairs(conn: Connection, pairs: Sequence[dict[str, Any]], honeypot: b
     ]
     row = conn.exec_driver_sql(ENQUEUE_SQL, {"pairs": json.dumps(rows), "honeypot": honeypot}).one()
     return int(row[0])
+
+
+# Bulk enqueue for splits of millions of pairs: the rows stream into a session-local staging table by COPY
+# (no JSON document to build, send and unpack: the wire format is PostgreSQL's own text rows), then one
+# INSERT ... SELECT moves the new ones into pair and pair_content, hardest first, exactly as ENQUEUE_SQL does.
+# Idempotent like it: pairs already there (or twice in one load) are skipped.
+COPY_STAGE_SQL = """
+CREATE TEMP TABLE IF NOT EXISTS enqueue_stage (
+    pair_id uuid NOT NULL, query text NOT NULL, document text NOT NULL, split text NOT NULL,
+    cycle text NOT NULL, priority float8 NOT NULL
+) ON COMMIT DELETE ROWS
+"""
+COPY_IN_SQL = "COPY enqueue_stage (pair_id, query, document, split, cycle, priority) FROM STDIN"
+COPY_MERGE_SQL = "WITH" + _merge_pairs_sql("enqueue_stage", "false", "'queued'")
+
+PairRow = tuple[uuid.UUID | str, str, str, str, str, float]
+
+
+def copy_enqueue_pairs(conn: Connection, rows: Iterable[PairRow]) -> int:
+    """Enqueue (pair_id, query, document, split, cycle, priority) rows through COPY; returns how many were new.
+
+    Runs in the caller's transaction (the staging rows vanish at its commit). Memory stays flat for any number
+    of rows: they stream to the server as they are produced.
+    """
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection), "copy_enqueue_pairs needs a psycopg (3) connection"
+    with driver.cursor() as cur:
+        cur.execute(COPY_STAGE_SQL)
+        with cur.copy(COPY_IN_SQL) as copy:
+            for row in rows:
+                copy.write_row(row)
+        cur.execute(COPY_MERGE_SQL)
+        merged = cur.fetchone()
+        # ON COMMIT DELETE ROWS empties it at commit; emptied now too, for a caller that goes on in this transaction
+        cur.execute("TRUNCATE enqueue_stage")
+    return int(merged[0]) if merged else 0
 
 
 HONEYPOT_GOLD_SQL = """

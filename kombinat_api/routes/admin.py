@@ -41,9 +41,16 @@ def _insert_new(
     return InsertResponse(inserted=inserted, already_present=len(rows) - inserted)
 
 
+def _copy_pairs(conn: Connection, pairs: list[dict[str, Any]]) -> int:
+    # COPY instead of one JSON recordset: 2.3x the rate in bench/queue.py --depth (bench/results/queue_depth)
+    return queue.copy_enqueue_pairs(
+        conn, ((p["pair_id"], p["query"], p["document"], p["split"], p["cycle"], p["priority"]) for p in pairs)
+    )
+
+
 @router.post("/pairs", response_model=InsertResponse)
 def enqueue(body: EnqueueRequest, request: Request) -> InsertResponse:
-    return _insert_new(request, "pairs", body.pairs, queue.enqueue_pairs)
+    return _insert_new(request, "pairs", body.pairs, _copy_pairs)
 
 
 @router.post("/honeypots", response_model=InsertResponse)

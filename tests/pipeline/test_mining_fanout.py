@@ -109,7 +109,7 @@ def test_fan_out_then_mine_through_dagster(small_source: Path, tmp_path: Path) -
     from embedkomb_pipeline.defs.partitions import CYCLE_PARTITIONS_NAME
     from embedkomb_pipeline.defs.resources import DenseModelResource, LakeResource
 
-    lake = LakeResource(root=str(tmp_path / "lake"))
+    lake = LakeResource(storage_dir=str(tmp_path / "lake"))
     target = lake.source_pairs_path("scifact_title_abstract")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(small_source.read_bytes())

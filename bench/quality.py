@@ -146,6 +146,7 @@ def run_one(
     scores = evaluate_model(
         model_dir, tasks, work / "mteb", f"embedkomb-quality/{variant}-s{seed}", precision=args.eval_precision,
         keep_predictions=True, log=lambda m: print(f"  {m}", flush=True),
+        overwrite=True,  # mteb's cache knows the model's name, not its settings; runs.jsonl is what resumes
     )  # fmt: skip
     per_query = {t.name: per_query_ndcg_at_10(scores.prediction_paths[t.name], task_qrels(t)) for t in tasks}
     if variant != "base":

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
+import psycopg
 import typer
 
 from kombinat_api.settings import Settings
@@ -223,14 +224,18 @@ def load_honeypots(
 @app.command()
 def stats(database_url: DbOption = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Print queue and label counts per split and cycle."""
-    from kombinat_api import queue
-    from kombinat_api.db import standalone_transaction
+    from kombinat_api import queue, upkeep
+    from kombinat_api.db import libpq_url, standalone_transaction
 
-    with standalone_transaction(_settings(database_url).database_url) as conn:
+    url = _settings(database_url).database_url
+    with standalone_transaction(url) as conn:
         rows = queue.split_summaries(conn)
         labels = queue.labels_stored(conn)
+    with psycopg.connect(libpq_url(url)) as pg:
+        pages = upkeep.working_set(pg)
     if as_json:
-        typer.echo(json.dumps({"splits": rows, "labels_total": labels}, default=str))
+        cache = {"working_set_bytes": pages.bytes, "shared_buffers_bytes": pages.shared_buffers, "fits": pages.fits}
+        typer.echo(json.dumps({"splits": rows, "labels_total": labels, "cache": cache}, default=str))
         return
     cols = ["split", "cycle", "pairs", "queued", "leased", "labeled", "verified", "disputed", "escalated"]
     typer.echo("  ".join(f"{c:>10}" for c in cols))
@@ -238,6 +243,7 @@ def stats(database_url: DbOption = None, as_json: Annotated[bool, typer.Option("
         values: dict[str, object] = dict(row)
         typer.echo("  ".join(f"{values[c]!s:>10}" for c in cols))
     typer.echo(f"labels stored: {labels}")
+    typer.echo(pages.advice())
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -36,6 +37,50 @@ VACUUM_SQL = f"VACUUM (SKIP_LOCKED, ANALYZE, PARALLEL 0) {', '.join(HOT_TABLES)}
 UPKEEP_SESSION = "-c vacuum_cost_delay=2ms -c vacuum_cost_limit=100"
 
 
+# The pages claim and submit read at random places. Every lease and every label writes a new version of a pair
+# row, with an entry in each index of pair: in the primary key at the leaf of a random UUID. The claim reads
+# the texts through pair_content's key, and both probe the label key per pair. At 20M queued pairs these are
+# ~5 GB. While they are in memory (shared_buffers or the OS page cache) a claim at 20M is about as fast as at
+# 200k (p99 1.1-1.4x); read from disk, as after a restart, it was 7x slower (bench/results/queue_depth).
+WORKING_SET_SQL = """
+SELECT pg_relation_size('pair') + pg_indexes_size('pair') + pg_relation_size('pair_content_pkey')
+       + pg_relation_size('label_pkey') AS working_set,
+       (SELECT setting::bigint * current_setting('block_size')::bigint FROM pg_settings
+        WHERE name = 'shared_buffers') AS shared_buffers
+"""
+WORKING_SET_RELATIONS = ("pair_queue", "pair_pkey", "pair_content_pkey", "label_pkey", "pair")
+
+
+@dataclass(frozen=True)
+class WorkingSet:
+    """The queue's randomly read pages against the server's buffer cache (both in bytes)."""
+
+    bytes: int
+    shared_buffers: int
+
+    @property
+    def fits(self) -> bool:
+        return self.bytes <= self.shared_buffers
+
+    def advice(self) -> str:
+        gib = 1 << 30
+        sizes = f"queue working set {self.bytes / gib:.2f} GiB"
+        if self.fits:
+            return f"{sizes} fits in shared_buffers {self.shared_buffers / gib:.2f} GiB"
+        return (
+            f"{sizes} is larger than shared_buffers {self.shared_buffers / gib:.2f} GiB: claims stay fast only while "
+            "the OS page cache holds the rest, and slow down several-fold when it must come from disk (after a "
+            "restart, or with too little memory); raise shared_buffers above it, with autoprewarm (docs/deploy.md, "
+            "'kombinat at depth'), or enqueue in smaller windows"
+        )
+
+
+def working_set(conn: psycopg.Connection[tuple[Any, ...]]) -> WorkingSet:
+    row = conn.execute(WORKING_SET_SQL).fetchone()
+    assert row is not None
+    return WorkingSet(int(row[0]), int(row[1]))
+
+
 def connect(dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
     """The upkeep's own autocommit connection (VACUUM cannot run inside a transaction), paced by UPKEEP_SESSION."""
     return psycopg.connect(dsn, autocommit=True, options=UPKEEP_SESSION)
@@ -53,6 +98,7 @@ async def run_upkeep(database_url: str, interval_s: float) -> None:
     a fresh connection: upkeep must never take the server down."""
     dsn = libpq_url(database_url)
     conn: psycopg.Connection[tuple[Any, ...]] | None = None
+    fitted: bool | None = None  # said once, and again when it changes
     try:
         while True:
             await asyncio.sleep(interval_s)
@@ -61,6 +107,10 @@ async def run_upkeep(database_url: str, interval_s: float) -> None:
                     conn = await asyncio.to_thread(connect, dsn)
                 seconds = await asyncio.to_thread(vacuum_once, conn)
                 log.debug("vacuumed %s in %.3f s", ", ".join(HOT_TABLES), seconds)
+                pages = await asyncio.to_thread(working_set, conn)
+                if pages.fits is not fitted:
+                    (log.info if pages.fits else log.warning)("%s", pages.advice())
+                    fitted = pages.fits
             except psycopg.Error as exc:
                 log.warning("queue upkeep failed (retrying in %.0f s): %s", interval_s, exc)
                 if conn is not None:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+import uuid
 
 import pytest
 from fastapi.testclient import TestClient
 from psycopg import Connection as PgConnection
 from sqlalchemy import Engine
 
+from kombinat_api import queue as kq
 from kombinat_api import trust, upkeep
 from kombinat_api.db import make_engine
 from kombinat_api.main import create_app
@@ -124,3 +127,69 @@ def test_upkeep_survives_a_database_it_cannot_reach(caplog: pytest.LogCaptureFix
     with caplog.at_level("WARNING", logger="kombinat.upkeep"):
         asyncio.run(short_run())
     assert "queue upkeep failed" in caplog.text
+
+
+def _libpq(database_url: str) -> str:
+    from kombinat_api.db import libpq_url
+
+    return libpq_url(database_url)
+
+
+def test_the_working_set_is_the_queue_pages_read_at_random_and_grows_with_the_queue(
+    database_url: str, engine: Engine
+) -> None:
+    with upkeep.connect(_libpq(database_url)) as conn:
+        empty = upkeep.working_set(conn)
+        sizes = conn.execute(
+            "SELECT c.relname, pg_relation_size(c.oid) FROM pg_class c WHERE c.relname IN "
+            "('pair', 'pair_content_pkey', 'label_pkey') OR c.oid IN "
+            "(SELECT indexrelid FROM pg_index WHERE indrelid = 'pair'::regclass)"
+        ).fetchall()
+        block = int(conn.execute("SELECT current_setting('block_size')").fetchone()[0])  # type: ignore[index]
+        buffers = int(conn.execute("SELECT setting FROM pg_settings WHERE name = 'shared_buffers'").fetchone()[0])  # type: ignore[index]
+    assert {"pair", "pair_pkey", "pair_queue", "pair_content_pkey", "label_pkey"} <= {name for name, _ in sizes}
+    assert empty.bytes == sum(size for _, size in sizes)
+    assert empty.shared_buffers == buffers * block
+    with engine.begin() as conn:
+        kq.enqueue_pairs(
+            conn,
+            [
+                {"pair_id": str(uuid.uuid4()), "query": f"q{i}", "document": "d" * 200, "split": "ws", "cycle": "c000"}
+                for i in range(3000)
+            ],
+        )
+    with upkeep.connect(_libpq(database_url)) as conn:
+        grown = upkeep.working_set(conn)
+    assert grown.bytes > empty.bytes + 3000 * 16  # at least a key per pair in pair's and pair_content's keys
+    assert grown.fits and "fits in shared_buffers" in grown.advice()
+
+
+def test_the_advice_says_what_to_do_when_the_working_set_outgrows_the_cache() -> None:
+    small = upkeep.WorkingSet(bytes=7 << 30, shared_buffers=128 << 20)
+    assert not small.fits
+    assert small.advice() == (
+        "queue working set 7.00 GiB is larger than shared_buffers 0.12 GiB: claims stay fast only while the OS page "
+        "cache holds the rest, and slow down several-fold when it must come from disk (after a restart, or with too "
+        "little memory); raise shared_buffers above it, with autoprewarm (docs/deploy.md, 'kombinat at depth'), or "
+        "enqueue in smaller windows"
+    )
+    assert upkeep.WorkingSet(bytes=1 << 30, shared_buffers=1 << 30).fits
+
+
+def test_upkeep_reports_the_working_set_once_not_every_pass(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def run_briefly() -> None:
+        task = asyncio.create_task(upkeep.run_upkeep(database_url, 0.1))
+        await asyncio.sleep(1.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.DEBUG, logger="kombinat.upkeep"):
+        asyncio.run(run_briefly())
+    passes = [r for r in caplog.records if r.getMessage().startswith("vacuumed")]
+    said = [r for r in caplog.records if r.getMessage().startswith("queue working set")]
+    assert len(passes) >= 2, caplog.text
+    # the test server's cache holds this small database: said once, as information
+    assert [r.levelno for r in said] == [logging.INFO], caplog.text

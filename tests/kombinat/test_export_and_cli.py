@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -144,6 +145,10 @@ def test_cli_migrate_admin_token_honeypots_stats() -> None:
             assert "0 honeypots inserted, 200 already present" in again.output
         stats = runner.invoke(cli, ["stats", "--database-url", url])
         assert stats.exit_code == 0 and "labels stored: 0" in stats.output
+        # the queue's working set against the server's cache: a tiny database fits any server's
+        assert "fits in shared_buffers" in stats.output, stats.output
+        as_json = json.loads(runner.invoke(cli, ["stats", "--json", "--database-url", url]).output)
+        assert as_json["cache"]["fits"] is True and as_json["cache"]["working_set_bytes"] > 0
 
 
 @pytest.mark.subprocess

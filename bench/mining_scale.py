@@ -211,6 +211,7 @@ def run_scale(args: argparse.Namespace) -> None:
             results.append(mined)
             print(f"[{n:,}] " + json.dumps(mined), flush=True)
             source.unlink()
+            save_scale(args, results)  # after every size: a larger one that fails keeps the smaller ones
     print("\n=== mining at scale (precomputed random unit vectors, real-shaped texts) ===")
     base = results[0]
     for r in results:
@@ -221,6 +222,9 @@ def run_scale(args: argparse.Namespace) -> None:
               f"dense {r['per_query_ms']['dense_search']:.2f} ms, "
               f"fuse+write {r['per_query_ms']['fuse_and_write']:.2f} ms"
               f"  (RSS × {r['peak_rss_mb'] / base['peak_rss_mb']:.1f} vs {base['documents']:,})")  # fmt: skip
+
+
+def save_scale(args: argparse.Namespace, results: list[dict]) -> None:
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps({"command": " ".join(sys.argv), "runs": results}, indent=1))

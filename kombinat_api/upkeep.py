@@ -41,7 +41,7 @@ UPKEEP_SESSION = "-c vacuum_cost_delay=2ms -c vacuum_cost_limit=100"
 # row, with an entry in each index of pair: in the primary key at the leaf of a random UUID. The claim reads
 # the texts through pair_content's key, and both probe the label key per pair. At 20M queued pairs these are
 # ~5 GB. While they are in memory (shared_buffers or the OS page cache) a claim at 20M is about as fast as at
-# 200k (p99 1.1-1.4x); read from disk, as after a restart, it was 7x slower (bench/results/queue_depth).
+# 200k (p99 1.1-1.5x); read from disk, as after a restart, it was 7x slower (bench/results/queue_depth).
 WORKING_SET_SQL = """
 SELECT pg_relation_size('pair') + pg_indexes_size('pair') + pg_relation_size('pair_content_pkey')
        + pg_relation_size('label_pkey') AS working_set,

@@ -790,10 +790,11 @@ def depth_main(args: argparse.Namespace) -> int:
             with open(args.json_out, "w") as f:
                 json.dump(results, f, indent=1)
 
+    pool = depth_pool(args.data_dir)  # the real sentences both depths' pairs are drawn from
     base_db = create_database("kombinat_depth_base")
     try:
         with contextlib.ExitStack() as stack:
-            _depth_baseline(args, base_db, results, stack)
+            _depth_baseline(args, base_db, results, stack, pool)
     finally:
         drop_database(base_db)
     save()
@@ -803,7 +804,7 @@ def depth_main(args: argparse.Namespace) -> int:
     keep = args.keep_db or reused
     try:
         with contextlib.ExitStack() as stack:
-            return _depth_deep(args, deep_db, results, stack, save)
+            return _depth_deep(args, deep_db, results, stack, save, pool)
     finally:
         if keep:
             print(f"the deep database is kept: --depth-db {deep_db}", flush=True)
@@ -812,13 +813,12 @@ def depth_main(args: argparse.Namespace) -> int:
 
 
 def _depth_baseline(
-    args: argparse.Namespace, dbname: str, results: dict[str, Any], stack: contextlib.ExitStack
+    args: argparse.Namespace, dbname: str, results: dict[str, Any], stack: contextlib.ExitStack, pool: list[str]
 ) -> None:
     database_url, dsn = sqlalchemy_url(dbname), admin_dsn(dbname)
     results["server_settings"] = server_settings(dsn)
     print("PostgreSQL: " + json.dumps(results["server_settings"]), flush=True)
     _, _, cids = prepare_depth_database(database_url, args, stack, args.ceiling_threads)
-    pool = depth_pool(args.data_dir)
     # half through the JSON statement, half by COPY (the rates side by side)
     results["enqueue_json"] = json_load(database_url, pool, args.depth_baseline // 2, seed=1)
     results["enqueue_copy_baseline"] = copy_load(database_url, pool, args.depth_baseline // 2, seed=2, chunk=50_000)
@@ -836,11 +836,15 @@ def _depth_baseline(
 
 
 def _depth_deep(
-    args: argparse.Namespace, dbname: str, results: dict[str, Any], stack: contextlib.ExitStack, save: Any
+    args: argparse.Namespace,
+    dbname: str,
+    results: dict[str, Any],
+    stack: contextlib.ExitStack,
+    save: Any,
+    pool: list[str],
 ) -> int:
     database_url, dsn = sqlalchemy_url(dbname), admin_dsn(dbname)
     client, admin, cids = prepare_depth_database(database_url, args, stack, args.ceiling_threads + 1)
-    pool = depth_pool(args.data_dir)
     _, present = queued_pairs(dsn)
     # to depth: --depth-copy-pairs by client COPY (the rate; only into a new database), the rest generated
     # server-side (see server_fill)
@@ -1009,6 +1013,18 @@ def main() -> int:
             ap.error(f"--depth must be above the {args.depth_baseline:,}-pair baseline, got {args.depth}")
         if args.json_out and not os.path.isdir(os.path.dirname(os.path.abspath(args.json_out))):
             ap.error(f"--json-out {args.json_out}: no such folder")
+        if args.depth_db:
+            with psycopg.connect(admin_dsn(), autocommit=True) as conn:
+                found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (args.depth_db,)).fetchone()
+                kept_dbs = conn.execute(
+                    "SELECT datname FROM pg_database WHERE datname LIKE 'kombinat_depth%%' ORDER BY datname"
+                ).fetchall()
+            if not found:
+                kept = ", ".join(row[0] for row in kept_dbs) or "none"
+                ap.error(f"--depth-db {args.depth_db}: no such database on this server (kept depth databases: {kept})")
+    elif args.depth_db:
+        ap.error("--depth-db needs --depth (it names the deep database of a depth run)")
+    if args.depth:
         return depth_main(args)
     # Output files are checked before a run of minutes, not found unwritable at its end with the figures lost.
     for flag, path in (("--json-out", args.json_out), ("--latency-log", args.latency_log)):
